@@ -1,0 +1,1 @@
+"""Version and device compatibility: the only place nemo_ee adapts to its environment."""

@@ -1,0 +1,191 @@
+"""EarlyExitGPTModel: megatron-core's GPTModel plus exit heads on the layers of this pipeline stage.
+
+The backbone is megatron's own ``GPTModel`` (embedding, ``TransformerBlock``, output layer), untouched.
+Exits read the hidden states of their layers through forward hooks on the block's layers, so
+megatron's forward, recompute-free schedules and checkpoints all stay upstream code.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import torch
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+from nemo_ee.compat import mcore
+from nemo_ee.config import EarlyExitConfig
+from nemo_ee.models.exit_head import ExitHead, vocab_parallel_max_prob
+
+# The keyword arguments a TransformerLayer receives that an exit block layer also needs.
+_LAYER_KWARGS = (
+    "attention_mask", "rotary_pos_emb", "rotary_pos_cos", "rotary_pos_sin", "rotary_pos_cos_sin",
+    "attention_bias", "inference_context", "packed_seq_params", "sequence_len_offset", "padding_mask",
+)
+
+
+class EarlyExitOutput(NamedTuple):
+    """What the model returns.
+
+    ``output``: the final per-token loss [b, s] (labels given), the final logits [b, s, v] (no labels),
+    or the stage's hidden states [s, b, h] on a stage without the output layer.
+    ``exits``: global exit index -> that exit's per-token loss [b, s] or logits [b, s, v].
+    """
+
+    output: torch.Tensor
+    exits: dict
+
+
+class EarlyExitGPTModel(GPTModel):
+    """GPTModel with the exits of ``ee_config`` that live on this pipeline stage."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        ee_config: EarlyExitConfig,
+        transformer_layer_spec: ModuleSpec,
+        vocab_size: int,
+        max_sequence_length: int,
+        pre_process: bool = True,
+        post_process: bool = True,
+        parallel_output: bool = True,
+        pg_collection: Any = None,
+        vp_stage: Optional[int] = None,
+    ) -> None:
+        super().__init__(
+            config=config,
+            transformer_layer_spec=transformer_layer_spec,
+            vocab_size=vocab_size,
+            max_sequence_length=max_sequence_length,
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=parallel_output,
+            share_embeddings_and_output_weights=ee_config.share_embeddings_and_output_weights,
+            position_embedding_type=ee_config.position_embedding_type,
+            rotary_base=ee_config.rotary_base,
+            pg_collection=pg_collection,
+            vp_stage=vp_stage,
+        )
+        self.ee_config = ee_config
+        self.layer_offset = get_transformer_layer_offset(config, vp_stage)
+        self.num_local_layers = len(self.decoder.layers)
+        self.exits = torch.nn.ModuleDict()
+        for index, layer in enumerate(ee_config.exit_layer_nums):
+            if self._owns_point(ee_config.exit_point(layer)):
+                self.exits[str(index)] = ExitHead(
+                    config, ee_config, transformer_layer_spec, self.decoder.submodules.layer_norm, index,
+                    vocab_size, parallel_output, self.pg_collection, vp_stage,
+                )
+        self._captured: dict[int, tuple[torch.Tensor, dict]] = {}
+        self._install_hooks()
+
+    # ------------------------------------------------------------------ placement
+    def _owns_point(self, point: int) -> bool:
+        """Whether the hidden state after ``point`` backbone layers is computed on this stage."""
+        if point == 0:
+            return self.pre_process
+        return self.layer_offset < point <= self.layer_offset + self.num_local_layers
+
+    @property
+    def local_exit_indices(self) -> list[int]:
+        """Global indices of the exits on this stage, in order."""
+        return sorted(int(k) for k in self.exits.keys())
+
+    def _install_hooks(self) -> None:
+        for key, head in self.exits.items():
+            index, point = int(key), head.point
+            if point == self.layer_offset:  # the stage's input: the first layer's input
+                self.decoder.layers[0].register_forward_pre_hook(self._pre_hook(index), with_kwargs=True)
+            else:
+                layer = self.decoder.layers[point - self.layer_offset - 1]
+                layer.register_forward_hook(self._post_hook(index), with_kwargs=True)
+
+    def _pre_hook(self, index: int):
+        def hook(_module, args, kwargs):
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            self._captured[index] = (hidden, {k: kwargs.get(k) for k in _LAYER_KWARGS if k in kwargs})
+
+        return hook
+
+    def _post_hook(self, index: int):
+        def hook(_module, _args, kwargs, output):
+            self._captured[index] = (output[0], {k: kwargs.get(k) for k in _LAYER_KWARGS if k in kwargs})
+
+        return hook
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        decoder_input: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        runtime_gather_output: Optional[bool] = None,
+        **kwargs: Any,
+    ) -> EarlyExitOutput:
+        """Backbone forward (megatron's), then the exits of this stage on the captured hidden states."""
+        self._captured = {}
+        try:
+            output = super().forward(
+                input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels,
+                runtime_gather_output=runtime_gather_output, **kwargs,
+            )
+            exits = self._exit_outputs(labels, runtime_gather_output)
+        finally:
+            self._captured = {}
+        return EarlyExitOutput(output, exits)
+
+    def _exit_outputs(self, labels: Optional[torch.Tensor], runtime_gather_output: Optional[bool]) -> dict:
+        shared = None
+        if self.ee_config.tie_exit_output and len(self.exits):
+            shared = self.shared_embedding_or_output_weight()
+        results = {}
+        for index in self.local_exit_indices:
+            head = self.exits[str(index)]
+            hidden, layer_kwargs = self._captured[index]
+            logits = head(hidden, layer_kwargs, shared, runtime_gather_output)
+            results[index] = self._exit_result(head, logits, labels)
+        return results
+
+    def _exit_result(self, head: ExitHead, logits: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
+        if labels is None:
+            return logits.transpose(0, 1).contiguous()
+        if self.training and head.temperature != 1.0:
+            logits = logits / head.temperature
+        ce = self.compute_language_model_loss(labels, logits)
+        if self.training and head.dynamic_token_weight:
+            ce = ce * vocab_parallel_max_prob(logits, self.pg_collection.tp).transpose(0, 1)
+        return ce
+
+
+def layer_spec(ee_config: EarlyExitConfig) -> ModuleSpec:
+    """megatron's transformer-engine layer spec when TE is importable (and allowed), else the local one."""
+    return mcore.gpt_layer_spec(ee_config.use_transformer_engine, ee_config.normalization)
+
+
+def build_model(
+    ee_config: EarlyExitConfig,
+    pre_process: Optional[bool] = None,
+    post_process: Optional[bool] = None,
+    vp_stage: Optional[int] = None,
+    **config_overrides: Any,
+) -> EarlyExitGPTModel:
+    """Build this rank's stage of the model; megatron's parallel_state must be initialised."""
+    from megatron.core import parallel_state
+
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    return EarlyExitGPTModel(
+        config=ee_config.transformer_config(**config_overrides),
+        ee_config=ee_config,
+        transformer_layer_spec=layer_spec(ee_config),
+        vocab_size=ee_config.vocab_size,
+        max_sequence_length=ee_config.max_positions,
+        pre_process=pre_process,
+        post_process=post_process,
+        vp_stage=vp_stage,
+    )
