@@ -128,7 +128,7 @@ class EarlyExitConfig:
                 f"num_layers={self.num_layers} is not divisible by pipeline_model_parallel_size={pp}"
             )
         if self.sequence_parallel and tp == 1:
-            raise ValueError("sequence_parallel=True needs tensor_model_parallel_size > 1")
+            raise ValueError(f"sequence_parallel=True needs tensor_model_parallel_size > 1, got {tp}")
         if self.max_position_embeddings is not None and self.max_position_embeddings < self.seq_length:
             raise ValueError(
                 f"max_position_embeddings={self.max_position_embeddings} is smaller than "

@@ -8,7 +8,16 @@ from nemo.utils import logging
 from nemo.utils.exp_manager import exp_manager
 from omegaconf import DictConfig, OmegaConf
 
+from nemo_ee.checkpoint.safe_io import SafeTorchCheckpointIO
 from nemo_ee.models.nemo_model import EarlyExitGPTNeMoModel, prepare_config
+
+
+def make_trainer(cfg: DictConfig, **kwargs) -> Trainer:
+    """A Lightning Trainer from the recipe's ``trainer`` section, loading checkpoints safely."""
+    settings = OmegaConf.to_container(cfg.trainer, resolve=True)
+    settings.update(kwargs)
+    settings.setdefault("plugins", [SafeTorchCheckpointIO()])
+    return Trainer(**settings)
 
 
 def format_val_losses(losses: dict[str, float]) -> str:
@@ -22,7 +31,7 @@ def pretrain(cfg: DictConfig, trainer: Optional[Trainer] = None) -> EarlyExitGPT
     """Train the model the recipe describes, validate at the end, print per-exit validation loss."""
     model_cfg = prepare_config(cfg.model)  # bad config: clear error before the trainer starts
     if trainer is None:
-        trainer = Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True))
+        trainer = make_trainer(cfg)
     exp_manager(trainer, cfg.get("exp_manager"))
     model = EarlyExitGPTNeMoModel(model_cfg, trainer=trainer)
     logging.info(f"early-exit GPT: {model.ee_config.parameter_count():,} parameters, exits after layers "

@@ -154,10 +154,12 @@ class EarlyExitGPTModel(GPTModel):
             return logits.transpose(0, 1).contiguous()
         if self.training and head.temperature != 1.0:
             logits = logits / head.temperature
-        ce = self.compute_language_model_loss(labels, logits)
+        max_prob = None
         if self.training and head.dynamic_token_weight:
-            ce = ce * vocab_parallel_max_prob(logits, self.pg_collection.tp).transpose(0, 1)
-        return ce
+            # Before the CE: megatron's vocab-parallel cross entropy overwrites fp32 logits with the softmax.
+            max_prob = vocab_parallel_max_prob(logits, self.pg_collection.tp).transpose(0, 1)
+        ce = self.compute_language_model_loss(labels, logits)
+        return ce if max_prob is None else ce * max_prob
 
 
 def layer_spec(ee_config: EarlyExitConfig) -> ModuleSpec:

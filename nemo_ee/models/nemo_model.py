@@ -12,6 +12,7 @@ from typing import Any, Optional
 import torch
 from lightning.pytorch import Trainer
 from nemo.core.classes import ModelPT
+from nemo.core.classes import common as _nemo_common
 from nemo.core.connectors.save_restore_connector import SaveRestoreConnector
 from nemo.utils import logging
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -28,6 +29,11 @@ from nemo_ee.parallel.optimizer import OptimSettings, build_optimizer, wrap_ddp
 from nemo_ee.parallel.schedules import ExitLossRecorder, run_forward_backward, split_microbatches
 
 DEFAULT_CACHE = "~/.cache/nemo_ee"
+
+# NeMo instantiates a restored model from the `target` in its config only inside an allow-list of
+# namespaces (and only ModelPT / nn.Module subclasses). Register ours, as a plugin must.
+if "nemo_ee.models." not in _nemo_common.ALLOWED_TARGET_PREFIXES:
+    _nemo_common.ALLOWED_TARGET_PREFIXES.append("nemo_ee.models.")
 
 
 class SafetensorsSaveRestoreConnector(SaveRestoreConnector):
@@ -115,11 +121,20 @@ class EarlyExitGPTNeMoModel(ModelPT):
         self._ddp_holder: list = []  # megatron DDP wrapper, kept out of the module tree (clean state-dict keys)
         self._val_recorder: Optional[ExitLossRecorder] = None
         self.last_val_losses: dict[str, float] = {}
+        self.last_train_losses: dict[str, float] = {}
         if trainer is not None and not self._is_model_being_restored():
             self.setup_training_data(self.cfg.data)
             self.setup_validation_data(self.cfg.data)
 
     # ------------------------------------------------------------------ NeMo ModelPT API
+    @classmethod
+    def restore_from(cls, restore_path: str, *args: Any, save_restore_connector: Any = None, **kwargs: Any):
+        """Restore a .nemo written by :meth:`save_to` (safetensors weights, tokenizer inside)."""
+        if not Path(restore_path).is_file():
+            raise FileNotFoundError(f"no .nemo file at {restore_path}")
+        connector = save_restore_connector or SafetensorsSaveRestoreConnector()
+        return super().restore_from(restore_path, *args, save_restore_connector=connector, **kwargs)
+
     @classmethod
     def list_available_models(cls) -> list:
         return []  # no pretrained checkpoints can be downloaded; everything is trained locally
@@ -188,6 +203,7 @@ class EarlyExitGPTNeMoModel(ModelPT):
         self._run(batch, recorder, forward_only=False, iteration=iteration)
         optimizer.step()
         losses = recorder.reduce()
+        self.last_train_losses = losses
         adapter = optimizer.optimizer
         self.log("train_loss", losses["final"], prog_bar=True, batch_size=1)
         self.log("lr", float(adapter.param_groups[0]["lr"]), batch_size=1)

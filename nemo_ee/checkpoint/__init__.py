@@ -1,0 +1,1 @@
+"""Checkpoint I/O: safe loading of Lightning checkpoints (and, later, format adapters)."""
