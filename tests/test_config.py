@@ -309,25 +309,19 @@ def _backbone(cfg: EarlyExitConfig) -> EarlyExitConfig:
 
 def test_1b3_parameter_count_closed_form():
     cfg = _arch("ee_gpt_1b3")
-    V, S, L, h = 50304, 2048, 24, 2048
-    assert (cfg.vocab_size, cfg.max_positions, cfg.num_layers, cfg.hidden_size) == (V, S, L, h)
-    assert cfg.ffn_size == 4 * h and cfg.num_attention_heads == 32
-    # one GELU layer with biases and two LayerNorms (weight + bias):
-    qkv = h * 3 * h + 3 * h
-    proj = h * h + h
-    fc1 = h * 4 * h + 4 * h
-    fc2 = 4 * h * h + h
-    norms = 2 * (2 * h)
-    layer = qkv + proj + fc1 + fc2 + norms
-    assert layer == 12 * h * h + 13 * h
-    # word embedding (tied with the output layer) + learned positions + layers + final LayerNorm
-    backbone = V * h + S * h + L * layer + 2 * h
-    # each exit: LayerNorm + its own (untied) output projection
-    exits = 2 * (2 * h + V * h)
-    assert backbone == 1_315_819_520
-    assert backbone + exits == 1_521_872_896
+    V, L, h, f = 32000, 24, 2048, 5440
+    assert (cfg.vocab_size, cfg.num_layers, cfg.hidden_size, cfg.ffn_size) == (V, L, h, f)
+    assert f == int(4 * h * 2 / 3 / 64) * 64  # Megatron-LM's SwiGLU default, which EE-LLM's script used
+    assert cfg.num_attention_heads == 32
+    # one SwiGLU layer without biases and two RMSNorms (weight only):
+    layer = h * 3 * h + h * h + h * 2 * f + f * h + 2 * h
+    assert layer == 4 * h * h + 3 * h * f + 2 * h
+    # word embedding tied with the output layer, RoPE (no position table), layers, final RMSNorm
+    backbone = V * h + L * layer + h
+    # exits: no norm, output tied to the word embedding -> no parameters of their own
+    assert backbone == 1_270_450_176
     assert _backbone(cfg).parameter_count() == backbone
-    assert cfg.parameter_count() == backbone + exits
+    assert cfg.parameter_count() == backbone
     assert 1.2e9 < backbone < 1.45e9
 
 
@@ -346,10 +340,10 @@ def test_7b_parameter_count_closed_form():
     assert layer == 4 * h * h + 3 * h * f + 2 * h
     # word embedding + untied output layer (no position table with RoPE) + layers + final RMSNorm
     backbone = V * h + V * h + L * layer + h
-    # each exit: RMSNorm + its own output projection
-    exits = 2 * (h + V * h)
+    # each exit: its own output projection (no exit norm, as EE-LLM)
+    exits = 2 * (V * h)
     assert backbone == 6_688_083_968
-    assert backbone + exits == 6_950_236_160
+    assert backbone + exits == 6_950_227_968
     assert _backbone(cfg).parameter_count() == backbone
     assert cfg.parameter_count() == backbone + exits
     assert 6.5e9 < backbone < 7.5e9
@@ -357,12 +351,13 @@ def test_7b_parameter_count_closed_form():
 
 def test_1b3_recipe_arch():
     cfg = _arch("ee_gpt_1b3")
-    assert (cfg.normalization, cfg.activation, cfg.position_embedding_type) == ("LayerNorm", "gelu", "learned_absolute")
-    assert cfg.add_bias_linear and cfg.share_embeddings_and_output_weights
+    assert (cfg.normalization, cfg.activation, cfg.position_embedding_type) == ("RMSNorm", "swiglu", "rope")
+    assert not cfg.add_bias_linear and cfg.share_embeddings_and_output_weights
     assert cfg.seq_length == 2048 and cfg.params_dtype == "bfloat16"
     assert cfg.exit_layer_nums == [6, 12] and [cfg.exit_point(n) for n in cfg.exit_layer_nums] == [6, 12]
     assert cfg.per_exit("exit_loss_weights") == [0.25, 0.5]
-    assert cfg.tie_exit_output is False
+    assert cfg.tie_exit_output is True and cfg.exit_norm is False
+    assert [cfg.exit_stage(n) for n in cfg.exit_layer_nums] == [0, 0]
 
 
 def test_7b_recipe_arch():
