@@ -116,6 +116,8 @@ class EarlyExitConfig:
                 f"num_attention_heads={self.num_attention_heads} is not divisible by "
                 f"tensor_model_parallel_size={tp}"
             )
+        if self.vocab_size % tp:
+            raise ValueError(f"vocab_size={self.vocab_size} is not divisible by tensor_model_parallel_size={tp}")
         if groups % tp:
             raise ValueError(f"num_query_groups={groups} is not divisible by tensor_model_parallel_size={tp}")
         if self.ffn_hidden_size is not None and (self.ffn_hidden_size < 1 or self.ffn_hidden_size % tp):

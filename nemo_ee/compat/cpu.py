@@ -178,6 +178,29 @@ def _clip_grad_by_total_norm_fp32(
         torch._foreach_mul_([g.detach() for g in grads], clip_coeff)
 
 
+def _tensor_cuda_is_identity(method):
+    """Run a megatron method whose body calls ``tensor.cuda()`` with that call returning the CPU tensor.
+
+    ``LanguageModule.setup_embeddings_and_output_layer`` moves the shared embedding with
+    ``weight.data.cuda()`` before all-reducing it across the first and last pipeline stages. A tensor
+    method cannot be redirected through a module's ``torch`` name, so ``Tensor.cuda`` is swapped only
+    for the duration of that one call.
+    """
+    import functools
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        original = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda self, *a, **k: self
+        try:
+            return method(*args, **kwargs)
+        finally:
+            torch.Tensor.cuda = original
+
+    wrapper.__nemo_ee_cpu_shim__ = True
+    return wrapper
+
+
 def is_applied() -> bool:
     """True once the shim is active in this process."""
     return _applied
@@ -201,5 +224,8 @@ def apply() -> bool:
     # Gradient clipping asserts a CUDA tensor type; the optimizer imported it by name.
     for name in ("megatron.core.optimizer.clip_grads", "megatron.core.optimizer.optimizer"):
         importlib.import_module(name).clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+    language_module = importlib.import_module("megatron.core.models.common.language_module.language_module")
+    lm = language_module.LanguageModule
+    lm.setup_embeddings_and_output_layer = _tensor_cuda_is_identity(lm.setup_embeddings_and_output_layer)
     _applied = True
     return True

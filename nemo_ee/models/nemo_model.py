@@ -77,27 +77,27 @@ def prepare_config(cfg: DictConfig) -> DictConfig:
     for section in ("arch", "tokenizer", "data", "optim"):
         if section not in cfg:
             raise ValueError(f"model config has no '{section}' section")
-    with open_dict(cfg):
-        if not cfg.tokenizer.get("tokenizer_file"):
-            cfg.tokenizer.tokenizer_file = str(
-                train_tokenizer(_corpus_spec(cfg.data), int(cfg.tokenizer.vocab_size), _cache_dir(cfg))
-            )
-        elif not str(cfg.tokenizer.tokenizer_file).startswith("nemo:") and not Path(cfg.tokenizer.tokenizer_file).is_file():
-            raise FileNotFoundError(f"tokenizer.tokenizer_file {cfg.tokenizer.tokenizer_file} does not exist")
-    EarlyExitConfig.from_dict(_arch_dict(cfg))  # fail before anything is built
+    EarlyExitConfig.from_dict(_arch_dict(cfg))  # fail before anything is trained or built
     OptimSettings(**OmegaConf.to_container(cfg.optim))
     mbs, gbs = int(cfg.micro_batch_size), int(cfg.global_batch_size)
     if mbs < 1 or gbs < 1 or gbs % mbs:
         raise ValueError(f"global_batch_size={gbs} must be a positive multiple of micro_batch_size={mbs}")
+    _corpus_spec(cfg.data)
+    with open_dict(cfg):
+        tokenizer_file = cfg.tokenizer.get("tokenizer_file")
+        if not tokenizer_file:
+            cfg.tokenizer.tokenizer_file = str(
+                train_tokenizer(_corpus_spec(cfg.data), int(cfg.tokenizer.vocab_size), _cache_dir(cfg))
+            )
+        elif not str(tokenizer_file).startswith("nemo:") and not Path(tokenizer_file).is_file():
+            raise FileNotFoundError(f"tokenizer.tokenizer_file {tokenizer_file} does not exist")
     return cfg
 
 
-def _arch_dict(cfg: DictConfig, vocab_size: Optional[int] = None) -> dict:
+def _arch_dict(cfg: DictConfig) -> dict:
+    """The ``arch`` section as EarlyExitConfig fields; the vocabulary defaults to the tokenizer's size."""
     arch = dict(OmegaConf.to_container(cfg.arch, resolve=True))
-    if vocab_size is not None:
-        arch["vocab_size"] = vocab_size
-    elif "vocab_size" not in arch:
-        arch["vocab_size"] = int(cfg.tokenizer.vocab_size)
+    arch.setdefault("vocab_size", int(cfg.tokenizer.vocab_size))
     return arch
 
 
@@ -111,7 +111,12 @@ class EarlyExitGPTNeMoModel(ModelPT):
         self._save_restore_connector = SafetensorsSaveRestoreConnector()
         tokenizer_file = self.register_artifact("tokenizer.tokenizer_file", self.cfg.tokenizer.tokenizer_file)
         self.tokenizer = EETokenizer.from_file(tokenizer_file)
-        self.ee_config = EarlyExitConfig.from_dict(_arch_dict(self.cfg, self.tokenizer.vocab_size))
+        self.ee_config = EarlyExitConfig.from_dict(_arch_dict(self.cfg))
+        if self.ee_config.vocab_size < self.tokenizer.vocab_size:
+            raise ValueError(
+                f"arch.vocab_size={self.ee_config.vocab_size} is smaller than the tokenizer's "
+                f"{self.tokenizer.vocab_size} tokens ({tokenizer_file})"
+            )
         initialize_distributed(
             self.ee_config.tensor_model_parallel_size, self.ee_config.pipeline_model_parallel_size, int(self.cfg.seed)
         )
