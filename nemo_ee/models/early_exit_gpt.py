@@ -17,6 +17,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from nemo_ee.compat import mcore
 from nemo_ee.config import EarlyExitConfig
 from nemo_ee.models.exit_head import ExitHead, vocab_parallel_max_prob
+from nemo_ee.models.losses import token_weighted_ce
 
 # The keyword arguments a TransformerLayer receives that an exit block layer also needs.
 _LAYER_KWARGS = (
@@ -159,7 +160,7 @@ class EarlyExitGPTModel(GPTModel):
             # Before the CE: megatron's vocab-parallel cross entropy overwrites fp32 logits with the softmax.
             max_prob = vocab_parallel_max_prob(logits, self.pg_collection.tp).transpose(0, 1)
         ce = self.compute_language_model_loss(labels, logits)
-        return ce if max_prob is None else ce * max_prob
+        return token_weighted_ce(ce, max_prob)
 
 
 def layer_spec(ee_config: EarlyExitConfig) -> ModuleSpec:

@@ -19,13 +19,13 @@ def scheduled_weight(iteration: int, target: float, init: Optional[float], warmu
 
     With ``target < init`` the same schedule is a cool-down. ``init=None`` or no warm-up: constant target.
     """
+    if style not in ("linear", "cosine"):
+        raise ValueError(f"warm-up style {style!r} is not one of ['linear', 'cosine']")
     if init is None or warmup_iters <= 0 or iteration >= warmup_iters:
         return float(target)
     progress = max(iteration, 0) / warmup_iters
     if style == "cosine":
         progress = 0.5 * (1.0 - math.cos(math.pi * progress))
-    elif style != "linear":
-        raise ValueError(f"warm-up style {style!r} is not one of ['linear', 'cosine']")
     return float(init + (target - init) * progress)
 
 

@@ -127,6 +127,7 @@ class EarlyExitGPTNeMoModel(ModelPT):
         self._val_recorder: Optional[ExitLossRecorder] = None
         self.last_val_losses: dict[str, float] = {}
         self.last_train_losses: dict[str, float] = {}
+        self._dataset_pair = None
         if trainer is not None and not self._is_model_being_restored():
             self.setup_training_data(self.cfg.data)
             self.setup_validation_data(self.cfg.data)
@@ -145,8 +146,11 @@ class EarlyExitGPTNeMoModel(ModelPT):
         return []  # no pretrained checkpoints can be downloaded; everything is trained locally
 
     def _datasets(self):
-        spec = _corpus_spec(self.cfg.data)
-        return build_datasets(spec, self.tokenizer, self.ee_config.seq_length, _cache_dir(self.cfg))
+        """(train, validation) token-window datasets, tokenized once and cached on disk."""
+        if self._dataset_pair is None:
+            spec = _corpus_spec(self.cfg.data)
+            self._dataset_pair = build_datasets(spec, self.tokenizer, self.ee_config.seq_length, _cache_dir(self.cfg))
+        return self._dataset_pair
 
     def _dp(self) -> tuple[int, int]:
         from megatron.core import parallel_state

@@ -67,12 +67,6 @@ class ExitLossRecorder:
         return {"final": means[0], **{f"exit{i}": means[i + 1] for i in range(self.num_exits)}}
 
 
-def _batch_to_model(model: torch.nn.Module, batch: dict, labels: bool = True) -> EarlyExitOutput:
-    return model(
-        batch["tokens"], batch["position_ids"], None, labels=batch["labels"] if labels else None
-    )
-
-
 def make_forward_step(
     weights: list[float],
     recorder: ExitLossRecorder,
@@ -87,7 +81,7 @@ def make_forward_step(
     def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
         batch = next(data_iterator)
         loss_mask = batch["loss_mask"]
-        out: EarlyExitOutput = _batch_to_model(model, batch)
+        out: EarlyExitOutput = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
         num_tokens = loss_mask.sum()
         for index, per_token_ce in out.exits.items():
             recorder.add(index + 1, masked_sum(per_token_ce, loss_mask), num_tokens)

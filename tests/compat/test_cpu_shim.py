@@ -231,3 +231,14 @@ def test_not_applied_until_models_or_parallel_imported():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().endswith("OK")
+
+
+def test_megatron_core_version_range(monkeypatch):
+    from packaging.version import Version
+
+    from nemo_ee.compat import mcore
+
+    mcore.check_version()  # the installed (pinned) megatron-core is supported
+    monkeypatch.setattr(mcore, "MCORE_VERSION", Version("0.15.2"))
+    with pytest.raises(ImportError, match=r"megatron-core 0.15.2 is not supported by nemo_ee \(supported: >=0.16.0,<0.20.0\)"):
+        mcore.check_version()
