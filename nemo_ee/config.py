@@ -172,15 +172,6 @@ class EarlyExitConfig:
                 "tie_exit_output=True needs share_embeddings_and_output_weights=True: tied exits use "
                 "megatron's shared word-embedding weight, which an untied backbone does not have"
             )
-        if self.tie_exit_output and self.pipeline_model_parallel_size > 1:
-            per_stage = self.num_layers // self.pipeline_model_parallel_size
-            for layer in layers:
-                stage = self.exit_stage(layer)
-                if 0 < stage < self.pipeline_model_parallel_size - 1:
-                    raise ValueError(
-                        f"tied exit at layer {layer} lives on middle pipeline stage {stage} "
-                        f"({per_stage} layers per stage); tied exits may only sit on the first or last stage"
-                    )
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -207,6 +198,15 @@ class EarlyExitConfig:
         point = self.exit_point(layer)
         per_stage = self.num_layers // self.pipeline_model_parallel_size
         return 0 if point == 0 else (point - 1) // per_stage
+
+    @property
+    def embedding_stages(self) -> list[int]:
+        """Pipeline stages holding a copy of the word embedding: first, last, and those with tied exits."""
+        last = self.pipeline_model_parallel_size - 1
+        stages = {0, last}
+        if self.tie_exit_output:
+            stages |= {self.exit_stage(layer) for layer in self.exit_layer_nums}
+        return sorted(stages)
 
     @property
     def ffn_size(self) -> int:

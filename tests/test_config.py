@@ -103,11 +103,6 @@ INVALID = {
         dict(exit_layer_nums=[2], exit_position="mid"),
         "exit_position='mid' is not one of ['post', 'pre']",
     ),
-    "tied exit on a middle stage": (
-        dict(exit_layer_nums=[2, 4], tie_exit_output=True, pipeline_model_parallel_size=4),
-        "tied exit at layer 4 lives on middle pipeline stage 1 (2 layers per stage); "
-        "tied exits may only sit on the first or last stage",
-    ),
     "zero layers": (dict(num_layers=0), "num_layers=0 must be an integer >= 1"),
     "dropout 1": (dict(hidden_dropout=1.0), "hidden_dropout=1.0 is outside [0, 1)"),
     "max positions below seq length": (
@@ -135,12 +130,15 @@ def test_from_dict_accepts_tuples_and_validates():
         EarlyExitConfig.from_dict({**BASE, "exit_layer_nums": [9]})
 
 
-def test_tied_exits_on_first_and_last_stage_are_allowed():
+def test_tied_exits_on_any_stage_join_the_embedding_group():
     cfg = make(exit_layer_nums=[1, 2, 7, 8], tie_exit_output=True, pipeline_model_parallel_size=4)
     assert [cfg.exit_stage(n) for n in cfg.exit_layer_nums] == [0, 0, 3, 3]
-    # with pre exits the same layer numbers move one point down: pre 7 reads after layer 6 (stage 2)
-    with pytest.raises(ValueError, match=re.escape("tied exit at layer 7 lives on middle pipeline stage 2")):
-        make(exit_layer_nums=[1, 7], tie_exit_output=True, pipeline_model_parallel_size=4, exit_position="pre")
+    assert cfg.embedding_stages == [0, 3]
+    # pre exits move one point down: pre 7 reads after layer 6, on middle stage 2
+    cfg = make(exit_layer_nums=[1, 7], tie_exit_output=True, pipeline_model_parallel_size=4, exit_position="pre")
+    assert cfg.embedding_stages == [0, 2, 3]
+    untied = make(exit_layer_nums=[1, 7], pipeline_model_parallel_size=4, exit_position="pre")
+    assert untied.embedding_stages == [0, 3]
 
 
 # ---------------------------------------------------------------------------------------------

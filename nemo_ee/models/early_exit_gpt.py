@@ -80,6 +80,61 @@ class EarlyExitGPTModel(GPTModel):
                 )
         self._captured: dict[int, tuple[torch.Tensor, dict]] = {}
         self._install_hooks()
+        self.exit_word_embeddings = None
+        if ee_config.tie_exit_output and len(self.exits) and not (pre_process or post_process):
+            self._add_middle_stage_embedding()
+
+    # ------------------------------------------------------------------ tied exits on middle stages
+    def _add_middle_stage_embedding(self) -> None:
+        """A copy of the word embedding for tied exits on a stage that is neither first nor last.
+
+        megatron keeps such copies in sync through its embedding group: zero-initialised here, then
+        all-reduced from the first stage by ``setup_embeddings_and_output_layer``, and their gradients
+        all-reduced by ``finalize_model_grads``. The group must include this stage
+        (``initialize_distributed(..., embedding_stages=EarlyExitConfig.embedding_stages)``).
+        """
+        from megatron.core import parallel_state
+        from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+        group = parallel_state.get_embedding_group(check_initialized=False)
+        if group is None or torch.distributed.get_rank() not in torch.distributed.get_process_group_ranks(group):
+            raise ValueError(
+                f"pipeline stage {parallel_state.get_pipeline_model_parallel_rank()} holds tied exits but is not "
+                "in megatron's embedding group: initialise with "
+                "initialize_distributed(..., embedding_stages=ee_config.embedding_stages)"
+            )
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        weight = torch.nn.Parameter(
+            torch.zeros(self.vocab_size // tp, self.config.hidden_size, dtype=self.config.params_dtype)
+        )
+        set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=0, stride=1)
+        weight.shared = True
+        weight.shared_embedding = True
+        weight.is_embedding_or_output_parameter = True
+        self.exit_word_embeddings = weight
+        self.setup_embeddings_and_output_layer()  # joins the first stage's all-reduce of the embedding
+
+    def shared_embedding_or_output_weight(self) -> Optional[torch.Tensor]:
+        """megatron's shared word-embedding weight, or this middle stage's copy of it for tied exits."""
+        if self.pre_process or self.post_process or getattr(self, "exit_word_embeddings", None) is None:
+            return super().shared_embedding_or_output_weight()
+        return self.exit_word_embeddings
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """megatron's sharded state dict; a middle stage's embedding copy is a replica of the first stage's."""
+        from megatron.core import parallel_state
+        from megatron.core.utils import make_tp_sharded_tensor_for_checkpoint
+
+        sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        key = f"{prefix}exit_word_embeddings"
+        if key in sharded:
+            sharded[key] = make_tp_sharded_tensor_for_checkpoint(
+                tensor=self.exit_word_embeddings,
+                key=f"{prefix}embedding.word_embeddings.weight",
+                replica_id=(2, 0, parallel_state.get_data_parallel_rank(with_context_parallel=True)),
+                allow_shape_mismatch=True,
+            )
+        return sharded
 
     # ------------------------------------------------------------------ placement
     def _owns_point(self, point: int) -> bool:

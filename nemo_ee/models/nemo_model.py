@@ -118,7 +118,8 @@ class EarlyExitGPTNeMoModel(ModelPT):
                 f"{self.tokenizer.vocab_size} tokens ({tokenizer_file})"
             )
         initialize_distributed(
-            self.ee_config.tensor_model_parallel_size, self.ee_config.pipeline_model_parallel_size, int(self.cfg.seed)
+            self.ee_config.tensor_model_parallel_size, self.ee_config.pipeline_model_parallel_size, int(self.cfg.seed),
+            embedding_stages=self.ee_config.embedding_stages,
         )
         self.model: EarlyExitGPTModel = build_model(self.ee_config)
         self.weight_schedule = ExitWeightSchedule.from_config(self.ee_config)

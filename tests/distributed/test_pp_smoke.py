@@ -35,3 +35,21 @@ def test_pp2_exits_on_both_stages(tmp_path):
         assert math.isfinite(r0["losses"][key]) and 3.5 < r0["losses"][key] < 5.0  # ~ln(64) at init
     assert all(v > 0 for v in r0["exit_grad"].values()) and all(v > 0 for v in r1["exit_grad"].values())
     assert all(v > 0 for v in r0["layer_grad"] + r1["layer_grad"])
+
+
+def test_tied_exit_on_middle_stage_matches_single_stage_gradients(tmp_path):
+    out = tmp_path / "tied"
+    torchrun(HERE / "_tied_middle_worker.py", str(out), nproc=3)
+    results = [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(3)]
+    assert [r["local_exits"] for r in results] == [[0], [1], [2]]
+    assert [r["middle_copy"] for r in results] == [False, True, False]
+    assert results[1]["copied_from_stage0"], "the middle stage's embedding copy was not filled from stage 0"
+    for r in results:
+        for key, value in r["ref_losses"].items():
+            assert r["losses"][key] == pytest.approx(value, rel=1e-5)
+        worst = max(r["rel_grad_diff"].items(), key=lambda kv: kv[1])
+        assert worst[1] < 1e-5, f"rank {r['rank']}: gradient of {worst[0]} differs from PP=1 by {worst[1]:.2e}"
+    # the shared embedding gradient (all contributions, all-reduced) is present on all three stages
+    assert "embedding.word_embeddings.weight" in results[0]["rel_grad_diff"]
+    assert "exit_word_embeddings" in results[1]["rel_grad_diff"]
+    assert "output_layer.weight" in results[2]["rel_grad_diff"]
