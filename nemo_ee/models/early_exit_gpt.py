@@ -26,6 +26,10 @@ _LAYER_KWARGS = (
 )
 
 
+class _StopForward(Exception):
+    """Raised by the deepest exit's hook to end a forward that only needs the exits."""
+
+
 class EarlyExitOutput(NamedTuple):
     """What the model returns.
 
@@ -79,6 +83,7 @@ class EarlyExitGPTModel(GPTModel):
                     vocab_size, parallel_output, self.pg_collection, vp_stage,
                 )
         self._captured: dict[int, tuple[torch.Tensor, dict]] = {}
+        self._stop_after: Optional[int] = None
         self._install_hooks()
         self.exit_word_embeddings = None
         if ee_config.tie_exit_output and len(self.exits) and not (pre_process or post_process):
@@ -167,6 +172,8 @@ class EarlyExitGPTModel(GPTModel):
     def _post_hook(self, index: int):
         def hook(_module, _args, kwargs, output):
             self._captured[index] = (output[0], {k: kwargs.get(k) for k in _LAYER_KWARGS if k in kwargs})
+            if self._stop_after == index:
+                raise _StopForward
 
         return hook
 
@@ -192,6 +199,28 @@ class EarlyExitGPTModel(GPTModel):
         finally:
             self._captured = {}
         return EarlyExitOutput(output, exits)
+
+    def forward_exits_only(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: Optional[torch.Tensor] = None
+    ) -> dict:
+        """This stage's exits only: the layers after the deepest local exit are not run.
+
+        First stage only (it needs the token input). Returns {exit index: per-token loss or logits}.
+        """
+        if not self.pre_process:
+            raise ValueError("forward_exits_only runs on the first pipeline stage, which holds the embedding")
+        if not len(self.exits):
+            return {}
+        deepest = max(self.local_exit_indices, key=lambda i: self.exits[str(i)].point)
+        self._captured, self._stop_after = {}, deepest
+        try:
+            try:
+                super().forward(input_ids, position_ids, None)
+            except _StopForward:
+                pass
+            return self._exit_outputs(labels, None)
+        finally:
+            self._captured, self._stop_after = {}, None
 
     def _exit_outputs(self, labels: Optional[torch.Tensor], runtime_gather_output: Optional[bool]) -> dict:
         shared = None

@@ -9,7 +9,7 @@ Per-exit loss values are recorded on the stage that owns each exit and reduced a
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from megatron.core import parallel_state
@@ -43,9 +43,15 @@ class ExitLossRecorder:
 
     def __init__(self, num_exits: int) -> None:
         self.num_exits = num_exits
-        # slot 0: final loss; slots 1..n: exits; last slot: tokens counted by the final loss
+        # slot 0: final loss; slots 1..n: exits
         self.sums = torch.zeros(num_exits + 1, dtype=torch.float64)
         self.tokens = torch.zeros(num_exits + 1, dtype=torch.float64)
+        self.fill_sums = torch.zeros(num_exits, dtype=torch.float64)  # bubble-fill micro-batches, kept apart
+        self.fill_tokens = torch.zeros(num_exits, dtype=torch.float64)
+
+    def add_fill(self, index: int, loss_sum: torch.Tensor, num_tokens: torch.Tensor) -> None:
+        self.fill_sums[index] += float(loss_sum.detach())
+        self.fill_tokens[index] += float(num_tokens)
 
     def add(self, slot: int, loss_sum: torch.Tensor, num_tokens: torch.Tensor) -> None:
         self.sums[slot] += float(loss_sum.detach())
@@ -57,14 +63,20 @@ class ExitLossRecorder:
         Each exit lives on one pipeline stage; the others contribute zeros, so a SUM all-reduce over the
         pipeline group, then over the data-parallel group, gives the same numbers on every rank.
         """
-        packed = torch.cat([self.sums, self.tokens])
+        n = self.num_exits + 1
+        packed = torch.cat([self.sums, self.tokens, self.fill_sums, self.fill_tokens])
         if torch.distributed.is_initialized():
             for group in (parallel_state.get_pipeline_model_parallel_group(), parallel_state.get_data_parallel_group()):
                 if torch.distributed.get_world_size(group) > 1:
                     torch.distributed.all_reduce(packed, group=group)
-        sums, tokens = packed[: self.num_exits + 1], packed[self.num_exits + 1:]
+        sums, tokens = packed[:n], packed[n:2 * n]
+        fill_sums, fill_tokens = packed[2 * n:3 * n - 1], packed[3 * n - 1:]
         means = (sums / tokens.clamp(min=1)).tolist()
-        return {"final": means[0], **{f"exit{i}": means[i + 1] for i in range(self.num_exits)}}
+        result = {"final": means[0], **{f"exit{i}": means[i + 1] for i in range(self.num_exits)}}
+        if float(fill_tokens.sum()) > 0:
+            fill_means = (fill_sums / fill_tokens.clamp(min=1)).tolist()
+            result.update({f"fill_exit{i}": fill_means[i] for i in range(self.num_exits) if fill_tokens[i] > 0})
+        return result
 
 
 def make_forward_step(
@@ -113,11 +125,22 @@ def run_forward_backward(
     config: Any,
     seq_length: int,
     forward_only: bool = False,
+    fill_microbatches: Optional[list[dict]] = None,
 ) -> None:
-    """One global batch through megatron's schedule; per-exit loss sums go into ``recorder``."""
+    """One global batch through megatron's schedule; per-exit loss sums go into ``recorder``.
+
+    ``fill_microbatches``: extra micro-batches trained on the first stage's exits inside the pipeline
+    bubble (see :mod:`nemo_ee.parallel.bubble_fill`); ignored without pipeline parallelism.
+    """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     forward_step = make_forward_step(weights, recorder, config, len(microbatches))
+    if fill_microbatches and not forward_only and parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        from nemo_ee.parallel.bubble_fill import pipeline_with_bubble_fill
+
+        pipeline_with_bubble_fill(forward_step, model_chunks, microbatches, fill_microbatches, weights, recorder,
+                                  ExitLossAutoScaler.scale, seq_length)
+        return
     get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=iter(microbatches),

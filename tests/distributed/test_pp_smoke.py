@@ -53,3 +53,33 @@ def test_tied_exit_on_middle_stage_matches_single_stage_gradients(tmp_path):
     assert "embedding.word_embeddings.weight" in results[0]["rel_grad_diff"]
     assert "exit_word_embeddings" in results[1]["rel_grad_diff"]
     assert "output_layer.weight" in results[2]["rel_grad_diff"]
+
+
+def test_bubble_fill_off_is_bit_identical_and_on_adds_first_stage_exit_gradients(tmp_path):
+    out = tmp_path / "fill"
+    torchrun(HERE / "_bubble_fill_worker.py", str(out))
+    r0, r1 = (json.loads(Path(f"{out}.{r}.json").read_text()) for r in (0, 1))
+    assert r0["pre"] and not r1["pre"]
+    assert r0["no_fill_identical"] and r1["no_fill_identical"]
+    assert r0["fills_run"] == 0 and r1["fills_run"] == 0  # that run had nothing to fill
+    # with 2 fill micro-batches: stage 0 gets exactly the fill exits' gradients; on stage 1 only the
+    # tied output weight changes (megatron all-reduces the word-embedding gradient from stage 0)
+    assert r1["fill_changed"] == ["output_layer.weight"]
+    assert r0["fill_changed"] and r0["fill_max_err"] < 1e-6
+    assert any(k.startswith("exits.0.") for k in r0["by_hand_nonzero"])
+    assert not any(k.startswith("decoder.layers.1.") for k in r0["by_hand_nonzero"])  # after the deepest exit
+    assert r0["layer2_calls_in_fill"] == 0  # forward_exits_only stopped after the exit's layer
+    assert r0["filled_losses"]["exit0"] == r0["losses"]["exit0"]  # regular micro-batches' losses unchanged
+    assert "fill_exit0" in r0["filled_losses"] and "fill_exit1" not in r0["filled_losses"]
+
+
+def test_bench_bubble_fill_prints_result(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(HERE.parents[1]), NEMO_EE_CACHE=str(tmp_path / "cache"))
+    cmd = [sys.executable, str(HERE.parents[1] / "scripts" / "bench_bubble_fill.py"), "--seconds", "2",
+           "--layers", "4", "--hidden", "32", "--seq", "16", "--vocab", "300", "--val-batches", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("RESULT exit_progress_ratio=") and "steps_plain=" in last and "steps_fill=" in last
+    bad = subprocess.run(cmd[:2] + ["--fill", "0"], capture_output=True, text=True, timeout=60, env=env)
+    assert bad.returncode == 2 and "--fill >= 1" in bad.stderr
