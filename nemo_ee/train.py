@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nemo_ee.checkpoint.safe_io import SafeTorchCheckpointIO
 from nemo_ee.models.nemo_model import EarlyExitGPTNeMoModel, prepare_config
+from nemo_ee.parallel.strategy import configure_trainer_settings, exp_manager_settings
 
 
 def make_trainer(cfg: DictConfig, **kwargs) -> Trainer:
@@ -17,6 +18,7 @@ def make_trainer(cfg: DictConfig, **kwargs) -> Trainer:
     settings = OmegaConf.to_container(cfg.trainer, resolve=True)
     settings.update(kwargs)
     settings.setdefault("plugins", [SafeTorchCheckpointIO()])
+    settings = configure_trainer_settings(settings, cfg.get("model"))  # torchrun's ranks; MegatronStrategy
     return Trainer(**settings)
 
 
@@ -32,11 +34,12 @@ def pretrain(cfg: DictConfig, trainer: Optional[Trainer] = None) -> EarlyExitGPT
     model_cfg = prepare_config(cfg.model)  # bad config: clear error before the trainer starts
     if trainer is None:
         trainer = make_trainer(cfg)
-    exp_manager(trainer, cfg.get("exp_manager"))
+    exp_manager(trainer, exp_manager_settings(cfg.get("exp_manager"), model_cfg))  # no .nemo if TP x PP > 1
     model = EarlyExitGPTNeMoModel(model_cfg, trainer=trainer)
     logging.info(f"early-exit GPT: {model.ee_config.parameter_count():,} parameters, exits after layers "
                  f"{model.ee_config.exit_layer_nums} of {model.ee_config.num_layers}")
     trainer.fit(model)
+    trainer.ckpt_path = None  # exp_manager's resume path would otherwise reload the old weights to validate
     trainer.validate(model)
     if trainer.global_rank == 0:
         print(format_val_losses(model.last_val_losses), flush=True)

@@ -131,6 +131,11 @@ class EarlyExitGPTModel(GPTModel):
         from megatron.core.utils import make_tp_sharded_tensor_for_checkpoint
 
         sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        # megatron recurses only through MegatronModules: below the exits' ModuleDict every tensor would be
+        # a plain replicated one (TP shards saved as whole tensors). Take each head's own sharded state dict.
+        sharded = {k: v for k, v in sharded.items() if not k.startswith(f"{prefix}exits.")}
+        for index, head in self.exits.items():
+            sharded.update(head.sharded_state_dict(f"{prefix}exits.{index}.", sharded_offsets, metadata))
         key = f"{prefix}exit_word_embeddings"
         if key in sharded:
             sharded[key] = make_tp_sharded_tensor_for_checkpoint(

@@ -83,6 +83,11 @@ def prepare_config(cfg: DictConfig) -> DictConfig:
     if mbs < 1 or gbs < 1 or gbs % mbs:
         raise ValueError(f"global_batch_size={gbs} must be a positive multiple of micro_batch_size={mbs}")
     _corpus_spec(cfg.data)
+    fill = cfg.get("bubble_fill_microbatches", 0)
+    if isinstance(fill, bool) or not isinstance(fill, int) or fill < 0:
+        raise ValueError(f"bubble_fill_microbatches={fill!r} must be an integer >= 0")
+    if fill and int(cfg.arch.get("pipeline_model_parallel_size", 1)) < 2:
+        raise ValueError(f"bubble_fill_microbatches={fill} needs pipeline_model_parallel_size > 1 (no bubbles without it)")
     with open_dict(cfg):
         tokenizer_file = cfg.tokenizer.get("tokenizer_file")
         if not tokenizer_file:
@@ -129,6 +134,7 @@ class EarlyExitGPTNeMoModel(ModelPT):
         self.last_val_losses: dict[str, float] = {}
         self.last_train_losses: dict[str, float] = {}
         self._dataset_pair = None
+        self._fill_batches = None
         if trainer is not None and not self._is_model_being_restored():
             self.setup_training_data(self.cfg.data)
             self.setup_validation_data(self.cfg.data)
@@ -141,6 +147,13 @@ class EarlyExitGPTNeMoModel(ModelPT):
             raise FileNotFoundError(f"no .nemo file at {restore_path}")
         connector = save_restore_connector or SafetensorsSaveRestoreConnector()
         return super().restore_from(restore_path, *args, save_restore_connector=connector, **kwargs)
+
+    def save_to(self, save_path: str) -> None:
+        """A .nemo of the whole model: only where one rank holds it (tensor x pipeline parallel = 1)."""
+        if self.ee_config.tensor_model_parallel_size * self.ee_config.pipeline_model_parallel_size > 1:
+            raise RuntimeError("save_to needs the whole model on one rank; under tensor/pipeline parallelism "
+                               "save a distributed checkpoint (nemo_ee.checkpoint.dist.save_model) instead")
+        super().save_to(save_path)
 
     @classmethod
     def list_available_models(cls) -> list:
@@ -166,6 +179,15 @@ class EarlyExitGPTNeMoModel(ModelPT):
             start_step=lambda: self.trainer.global_step, dp_rank=dp_rank, dp_size=dp_size,
         )
         self._train_dl = DataLoader(train_ds, batch_sampler=sampler, num_workers=int(train_data_config.get("num_workers", 0)))
+        self._fill_batches = None
+        fill = int(self.cfg.get("bubble_fill_microbatches", 0))
+        if fill:  # a second, independent sample stream for the bubble-fill micro-batches
+            mbs = int(self.cfg.micro_batch_size)
+            fill_sampler = ResumableBatchSampler(
+                len(train_ds), fill * mbs * dp_size, int(self._trainer.max_steps), int(self.cfg.seed) + 1,
+                start_step=lambda: self.trainer.global_step, dp_rank=dp_rank, dp_size=dp_size,
+            )
+            self._fill_loader = DataLoader(train_ds, batch_sampler=fill_sampler)
 
     def setup_validation_data(self, val_data_config: DictConfig) -> None:
         _, val_ds = self._datasets()
@@ -196,12 +218,21 @@ class EarlyExitGPTNeMoModel(ModelPT):
         ddp.config.no_sync_func = ddp.no_sync
         return optimizer
 
+    def _next_fill_microbatches(self) -> Optional[list[dict]]:
+        """This step's bubble-fill micro-batches (None when filling is off)."""
+        if not int(self.cfg.get("bubble_fill_microbatches", 0)):
+            return None
+        if self._fill_batches is None:
+            self._fill_batches = iter(self._fill_loader)
+        return split_microbatches(next(self._fill_batches), int(self.cfg.micro_batch_size))
+
     def _run(self, batch: dict, recorder: ExitLossRecorder, forward_only: bool, iteration: int) -> None:
         microbatches = split_microbatches(batch, int(self.cfg.micro_batch_size))
         chunk = self.ddp_model if self._ddp_holder else self.model
         run_forward_backward(
             [chunk], microbatches, self.weight_schedule.weights(iteration), recorder,
             self.model.config, self.ee_config.seq_length, forward_only=forward_only,
+            fill_microbatches=None if forward_only else self._next_fill_microbatches(),
         )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -222,7 +253,16 @@ class EarlyExitGPTNeMoModel(ModelPT):
         for i, (layer, weight) in enumerate(zip(self.ee_config.exit_layer_nums, self.weight_schedule.weights(iteration))):
             self.log(f"train_exit_l{layer}_loss", losses[f"exit{i}"], prog_bar=True, batch_size=1)
             self.log(f"exit_l{layer}_weight", weight, batch_size=1)
+            if f"fill_exit{i}" in losses:
+                self.log(f"train_fill_exit_l{layer}_loss", losses[f"fill_exit{i}"], batch_size=1)
         return torch.tensor(losses["final"])
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Log steps continue where they stopped: one optimizer step per batch, so ``_batches_that_stepped``
+        equals ``global_step``; Lightning saves it one short when the checkpoint is written mid-batch-end."""
+        loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict")
+        if loop is not None and "global_step" in checkpoint:
+            loop["_batches_that_stepped"] = max(int(loop.get("_batches_that_stepped", 0)), int(checkpoint["global_step"]))
 
     def on_validation_epoch_start(self) -> None:
         self._val_recorder = ExitLossRecorder(self.ee_config.num_exits)
