@@ -4,7 +4,7 @@ Both runs start from the same weights and see the same regular batches (stdlib c
 shape, both exits on stage 0). After each run's budget the validation exit losses are measured; the
 "progress per second" of an exit is (initial - final validation loss) / seconds.
 
-    python scripts/bench_bubble_fill.py [--seconds 90] [--fill 2]     # launches 2 processes itself
+    python scripts/bench_bubble_fill.py [--seconds 90] [--fill 1]     # launches 2 processes itself
 
 Last line: RESULT exit_progress_ratio=<fill/plain, mean over exits> steps_plain=<n> steps_fill=<m>
 """
@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=90.0, help="training budget per run")
-    p.add_argument("--fill", type=int, default=2, help="fill micro-batches per step in the filled run")
+    p.add_argument("--fill", type=int, default=1, help="fill micro-batches per step in the filled run")
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--seq", type=int, default=128)

@@ -267,6 +267,11 @@ def build_model(
     """Build this rank's stage of the model; megatron's parallel_state must be initialised."""
     from megatron.core import parallel_state
 
+    if ee_config.sequence_parallel and not ee_config.use_transformer_engine:
+        raise ValueError(
+            "sequence_parallel=True needs transformer-engine (pip install -e '.[gpu]'): megatron's local "
+            "layer spec has no sequence-parallel norm"
+        )
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:

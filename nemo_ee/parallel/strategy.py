@@ -166,7 +166,8 @@ class MegatronStrategy(DDPStrategy):
             and parallel_state.get_pipeline_model_parallel_world_size() == pp
         )
         if not ready:  # the model normally did this already; re-seeding then would change nothing useful
-            initialize_distributed(tp, pp, seed)
+            ee = getattr(self.lightning_module, "ee_config", None)
+            initialize_distributed(tp, pp, seed, embedding_stages=ee.embedding_stages if ee is not None else None)
 
     def configure_ddp(self) -> None:
         """No torch DDP: the model's configure_optimizers wraps the backbone in megatron's DDP."""

@@ -166,6 +166,15 @@ def test_pp2_curve_vs_single_process(root, pp_runs, single):
     assert_curves_close([s[0:1] for s in straight], [s[0:1] for s in single], rel=0.02)
 
 
+def test_pp2_bubble_fill_switch_trains_the_first_stage_exits(root):
+    out = launch(root, "pp_fill", PP2 + ["model.bubble_fill_microbatches=1", "model.arch.exit_layer_nums=[1,2]",
+                                         "model.arch.exit_loss_weights=[0.25,0.5]"], HALF)
+    assert "validation loss per exit:" in out
+    tags = set(events(root / "pp_fill")["scalars"])
+    # both exits live on stage 0, so both get fill micro-batches; their losses are logged apart
+    assert {"train_fill_exit_l1_loss", "train_fill_exit_l2_loss", "train_exit_l1_loss"} <= tags, sorted(tags)
+
+
 def test_bench_pipeline_comm_exits_add_no_p2p_messages(tmp_path):
     """scripts/bench_pipeline_comm.py launches itself under torchrun (PP=2) and counts megatron's messages."""
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")

@@ -162,3 +162,11 @@ def test_local_exit_indices_and_state_dict_keys(single_process):
     assert model.local_exit_indices == [0, 1]
     keys = [k for k in model.state_dict() if k.startswith("exits.")]
     assert "exits.0.output_layer.weight" in keys and "exits.1.norm.weight" in keys
+
+
+def test_sequence_parallel_without_transformer_engine_is_a_clear_error(single_process):
+    from nemo_ee.models import build_model
+
+    cfg = small(tensor_model_parallel_size=2, sequence_parallel=True, transformer_impl="local")
+    with pytest.raises(ValueError, match="sequence_parallel=True needs transformer-engine"):
+        build_model(cfg)
