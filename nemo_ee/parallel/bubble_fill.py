@@ -79,6 +79,8 @@ def pipeline_with_bubble_fill(
     """megatron's 1F1B schedule with fill work in the first stage's cool-down; returns the communicator."""
     from megatron.core.pipeline_parallel.schedules import forward_backward_pipelining_without_interleaving
 
+    from nemo_ee.parallel.schedules import schedule_kwargs
+
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     pp_size, pp_rank = parallel_state.get_pipeline_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_rank()
     num_cooldown = min(pp_size - pp_rank - 1, len(microbatches))
@@ -88,12 +90,7 @@ def pipeline_with_bubble_fill(
         pp_group, model_chunks[0].config, fill, len(fill_microbatches) if first_stage else 0, num_cooldown
     )
     forward_backward_pipelining_without_interleaving(
-        forward_step_func=forward_step_func,
-        data_iterator=iter(microbatches),
-        model=model_chunks,
-        num_microbatches=len(microbatches),
-        seq_length=seq_length,
-        micro_batch_size=microbatches[0]["tokens"].shape[0],
+        **schedule_kwargs(forward_step_func, model_chunks, microbatches, seq_length),
         p2p_communicator=communicator,
         pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
     )

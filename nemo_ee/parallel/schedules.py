@@ -142,13 +142,19 @@ def run_forward_backward(
                                   ExitLossAutoScaler.scale, seq_length)
         return
     get_forward_backward_func()(
+        **schedule_kwargs(forward_step, model_chunks, microbatches, seq_length), forward_only=forward_only
+    )
+
+
+def schedule_kwargs(forward_step: Callable, model_chunks: list, microbatches: list[dict], seq_length: int) -> dict:
+    """The arguments every megatron forward-backward schedule takes, for one global batch."""
+    return dict(
         forward_step_func=forward_step,
         data_iterator=iter(microbatches),
         model=model_chunks,
         num_microbatches=len(microbatches),
         seq_length=seq_length,
         micro_batch_size=microbatches[0]["tokens"].shape[0],
-        forward_only=forward_only,
     )
 
 

@@ -189,7 +189,7 @@ def runs(tmp_path_factory):
 def logits(d, prefix):
     merged = {}
     for f in sorted(d.glob(f"{prefix}.rank*.pt")):
-        part = torch.load(f)
+        part = torch.load(f, weights_only=True)
         assert not set(part) & set(merged), f"{f}: the same output on two ranks"
         merged.update(part)
     assert merged, f"no logits written for {prefix}"
@@ -227,8 +227,9 @@ def test_one_training_step_matches_single_process(runs, case, layout):
     for key, value in ref["losses"].items():
         assert var["losses"][key] == pytest.approx(value, rel=1e-5), f"{key} loss"
     assert var["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)  # gradient scale, before clipping
-    ref_state, var_state = torch.load(d / f"dump_after_{case}_ref.pt"), torch.load(d / f"dump_after_{case}_{layout}.pt")
-    init = torch.load(d / f"dump_init_{case}.pt")["params"]
+    ref_state = torch.load(d / f"dump_after_{case}_ref.pt", weights_only=True)
+    var_state = torch.load(d / f"dump_after_{case}_{layout}.pt", weights_only=True)
+    init = torch.load(d / f"dump_init_{case}.pt", weights_only=True)["params"]
     assert all(not torch.equal(init[k], ref_state["params"][k]) for k in init), "some parameter did not train"
     assert_same_tensors(ref_state["params"], var_state["params"], **PARAM_TOL[layout])
     assert sorted(ref_state["adam"]) == sorted(ref_state["params"])  # saved + resharded optimizer moments
@@ -250,9 +251,9 @@ def test_checkpoint_loads_across_layouts_with_same_logits(runs, case, layout):
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
 def test_reshard_script_round_trip_is_exact(runs, layout):
     d, case = runs["dir"], RESHARD_CASE[layout]
-    init = torch.load(d / f"dump_init_{case}.pt")["params"]
-    assert_same_tensors(init, torch.load(d / f"dump_rs_{layout}.pt")["params"], exact=True)  # TP1PP1 -> layout
-    assert_same_tensors(init, torch.load(d / f"dump_rs_{layout}_back.pt")["params"], exact=True)  # and back
+    init = torch.load(d / f"dump_init_{case}.pt", weights_only=True)["params"]
+    assert_same_tensors(init, torch.load(d / f"dump_rs_{layout}.pt", weights_only=True)["params"], exact=True)  # TP1PP1 -> layout
+    assert_same_tensors(init, torch.load(d / f"dump_rs_{layout}_back.pt", weights_only=True)["params"], exact=True)  # and back
     reference = logits(d, f"lg_init_{case}_ref")
     assert_logits(reference, logits(d, f"lg_rs_{layout}"), exact=layout == "pp2")  # computed at the target layout
     assert_logits(reference, logits(d, f"lg_rs_{layout}_back"), exact=True)
