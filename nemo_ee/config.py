@@ -30,6 +30,11 @@ def _positive(name: str, value: Number, allow_zero: bool = False) -> None:
         raise ValueError(f"{name}={value!r} must be a number {bound}")
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation (HF ``gelu_new`` / ``gelu_pytorch_tanh``), a picklable function."""
+    return torch.nn.functional.gelu(x, approximate="tanh")
+
+
 @dataclass
 class EarlyExitConfig:
     """Everything that defines an early-exit GPT: backbone, parallel layout, exits and exit losses."""
@@ -45,10 +50,13 @@ class EarlyExitConfig:
     max_position_embeddings: Optional[int] = None  # None = seq_length
     normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
     activation: Literal["gelu", "swiglu"] = "gelu"
+    gelu_approximate: Literal["none", "tanh"] = "none"  # F.gelu(approximate=...); "tanh" = HF gelu_new (GPT-2)
     add_bias_linear: bool = True
     add_qkv_bias: bool = False
     position_embedding_type: Literal["learned_absolute", "rope"] = "learned_absolute"
     rotary_base: int = 10000
+    rope_scaling: bool = False  # llama 3.x RoPE frequency scaling (megatron's; low/high freq 1/4, 8192 positions)
+    rope_scaling_factor: float = 8.0
     share_embeddings_and_output_weights: bool = True
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
@@ -98,6 +106,18 @@ class EarlyExitConfig:
         _choice("normalization", self.normalization, ("LayerNorm", "RMSNorm"))
         _choice("activation", self.activation, ("gelu", "swiglu"))
         _choice("position_embedding_type", self.position_embedding_type, ("learned_absolute", "rope"))
+        _choice("gelu_approximate", self.gelu_approximate, ("none", "tanh"))
+        if self.gelu_approximate != "none" and self.activation != "gelu":
+            raise ValueError(
+                f"gelu_approximate={self.gelu_approximate!r} needs activation='gelu', got {self.activation!r}"
+            )
+        if not isinstance(self.rope_scaling, bool):
+            raise ValueError(f"rope_scaling={self.rope_scaling!r} must be true or false")
+        _positive("rope_scaling_factor", self.rope_scaling_factor)
+        if self.rope_scaling and self.position_embedding_type != "rope":
+            raise ValueError(
+                f"rope_scaling=True needs position_embedding_type='rope', got {self.position_embedding_type!r}"
+            )
         _choice("params_dtype", self.params_dtype, tuple(_DTYPES))
         _choice("transformer_impl", self.transformer_impl, ("auto", "local", "transformer_engine"))
         if self.hidden_size % self.num_attention_heads:
@@ -254,7 +274,7 @@ class EarlyExitConfig:
             add_bias_linear=self.add_bias_linear,
             add_qkv_bias=self.add_qkv_bias,
             gated_linear_unit=gated,
-            activation_func=F.silu if gated else F.gelu,
+            activation_func=F.silu if gated else (gelu_tanh if self.gelu_approximate == "tanh" else F.gelu),
             bias_activation_fusion=False,
             masked_softmax_fusion=False,
             persist_layer_norm=False,

@@ -69,6 +69,8 @@ class EarlyExitGPTModel(GPTModel):
             share_embeddings_and_output_weights=ee_config.share_embeddings_and_output_weights,
             position_embedding_type=ee_config.position_embedding_type,
             rotary_base=ee_config.rotary_base,
+            rope_scaling=ee_config.rope_scaling,
+            rope_scaling_factor=ee_config.rope_scaling_factor,
             pg_collection=pg_collection,
             vp_stage=vp_stage,
         )
