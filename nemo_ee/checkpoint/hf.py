@@ -24,6 +24,10 @@ import torch
 
 # megatron's RotaryEmbedding._apply_scaling defaults (megatron-core 0.16), the only llama3 scaling it runs.
 MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+# Side files of an exported early-exit model (see nemo_ee/checkpoint/hf_export.py): the exit heads' megatron
+# tensors (keys ``exits.*``) and the EarlyExitConfig exit fields. Not part of the HF backbone.
+EXITS_WEIGHTS = "early_exits.safetensors"
+EXITS_CONFIG = "early_exits.json"
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -33,7 +37,7 @@ class SafetensorsReader:
     def __init__(self, hf_dir: Path) -> None:
         from safetensors import safe_open
 
-        files = sorted(hf_dir.glob("*.safetensors"))
+        files = sorted(f for f in hf_dir.glob("*.safetensors") if f.name != EXITS_WEIGHTS)
         if not files:
             raise FileNotFoundError(f"no *.safetensors weights in {hf_dir} (pytorch_model.bin is not read: "
                                     "convert it to safetensors first)")
@@ -72,6 +76,24 @@ def qkv_to_megatron(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: in
     k = k.reshape(groups, head_dim, *tail)
     v = v.reshape(groups, head_dim, *tail)
     return torch.cat([q, k, v], dim=1).reshape(-1, *tail).contiguous()
+
+
+def qkv_from_megatron(qkv: torch.Tensor, heads: int, groups: int, head_dim: int):
+    """Inverse of :func:`qkv_to_megatron`: megatron's per-group linear_qkv -> (q, k, v), each contiguous."""
+    tail = qkv.shape[1:]
+    q, k, v = qkv.reshape(groups, heads // groups * head_dim + 2 * head_dim, *tail).split(
+        [heads // groups * head_dim, head_dim, head_dim], dim=1)
+    return tuple(t.reshape(-1, *tail).contiguous() for t in (q, k, v))
+
+
+def _rope_parameters(a: dict) -> dict:
+    """Inverse of :func:`_rope`: HF ``rope_parameters`` of the arch's rotary fields."""
+    params: dict[str, Any] = {"rope_theta": float(a.get("rotary_base", 10000))}
+    if a.get("rope_scaling"):
+        params.update(rope_type="llama3", factor=float(a.get("rope_scaling_factor", 8.0)), **MEGATRON_LLAMA3_ROPE)
+    else:
+        params["rope_type"] = "default"
+    return params
 
 
 def _need(hf: dict, key: str) -> Any:
@@ -131,6 +153,21 @@ class Adapter:
 
     def convert(self, read: SafetensorsReader, arch: dict) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    # ---- export (megatron -> HF), the inverse of arch/convert
+    def unsupported(self, arch: dict) -> list[str]:
+        """Reasons this family cannot represent ``arch`` (empty = it can)."""
+        raise NotImplementedError
+
+    def hf_config(self, arch: dict) -> dict:
+        raise NotImplementedError
+
+    def export(self, state: dict[str, torch.Tensor], arch: dict) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+def _mismatch(arch: dict, **want: Any) -> list[str]:
+    return [f"{k}={arch.get(k)!r} (needs {v!r})" for k, v in want.items() if arch.get(k) != v]
 
 
 class LlamaAdapter(Adapter):
@@ -195,6 +232,51 @@ class LlamaAdapter(Adapter):
             read.get("lm_head.weight", (v, h))
         return out
 
+    def unsupported(self, a: dict) -> list[str]:
+        return _mismatch(a, normalization="RMSNorm", activation="swiglu", add_bias_linear=False,
+                         add_qkv_bias=self.qkv_bias, position_embedding_type="rope")
+
+    def hf_config(self, a: dict) -> dict:
+        heads = a["num_attention_heads"]
+        return dict(
+            architectures=list(self.architectures), model_type=self.name, hidden_act="silu",
+            hidden_size=a["hidden_size"], intermediate_size=a["ffn_hidden_size"],
+            num_hidden_layers=a["num_layers"], num_attention_heads=heads,
+            num_key_value_heads=a.get("num_query_groups") or heads, head_dim=a["hidden_size"] // heads,
+            vocab_size=a["vocab_size"], max_position_embeddings=a["max_position_embeddings"],
+            rms_norm_eps=float(a["layernorm_epsilon"]), rope_parameters=_rope_parameters(a),
+            tie_word_embeddings=bool(a["share_embeddings_and_output_weights"]), attention_dropout=0.0,
+            initializer_range=float(a.get("init_method_std", 0.02)), **self.family_config(a),
+        )
+
+    def family_config(self, a: dict) -> dict:
+        return dict(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+
+    def export(self, state: dict[str, torch.Tensor], a: dict) -> dict[str, torch.Tensor]:
+        heads = a["num_attention_heads"]
+        groups, d = a.get("num_query_groups") or heads, a["hidden_size"] // heads
+        f = a["ffn_hidden_size"]
+        out = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"],
+               "model.norm.weight": state["decoder.final_layernorm.weight"]}
+        for i in range(a["num_layers"]):
+            p, m = f"model.layers.{i}.", f"decoder.layers.{i}."
+            q, k, v = qkv_from_megatron(state[f"{m}self_attention.linear_qkv.weight"], heads, groups, d)
+            out.update({f"{p}self_attn.q_proj.weight": q, f"{p}self_attn.k_proj.weight": k,
+                        f"{p}self_attn.v_proj.weight": v})
+            if self.qkv_bias:
+                q, k, v = qkv_from_megatron(state[f"{m}self_attention.linear_qkv.bias"], heads, groups, d)
+                out.update({f"{p}self_attn.q_proj.bias": q, f"{p}self_attn.k_proj.bias": k,
+                            f"{p}self_attn.v_proj.bias": v})
+            out[f"{p}self_attn.o_proj.weight"] = state[f"{m}self_attention.linear_proj.weight"]
+            out[f"{p}input_layernorm.weight"] = state[f"{m}input_layernorm.weight"]
+            out[f"{p}post_attention_layernorm.weight"] = state[f"{m}pre_mlp_layernorm.weight"]
+            gate, up = state[f"{m}mlp.linear_fc1.weight"].split([f, f])
+            out[f"{p}mlp.gate_proj.weight"], out[f"{p}mlp.up_proj.weight"] = gate.contiguous(), up.contiguous()
+            out[f"{p}mlp.down_proj.weight"] = state[f"{m}mlp.linear_fc2.weight"]
+        if not a["share_embeddings_and_output_weights"]:
+            out["lm_head.weight"] = state["output_layer.weight"]
+        return out
+
 
 class MistralAdapter(LlamaAdapter):
     """Mistral: Llama layout; a sliding window caps the sequence length (exact within the window)."""
@@ -208,6 +290,11 @@ class MistralAdapter(LlamaAdapter):
     def sliding_window(self, hf: dict) -> bool:
         return True
 
+    def family_config(self, a: dict) -> dict:
+        # the importer capped seq_length at the sliding window; a shorter seq_length is exported as the window
+        seq, max_pos = a.get("seq_length"), a["max_position_embeddings"]
+        return dict(sliding_window=seq if seq and seq < max_pos else None)
+
 
 class Qwen2Adapter(LlamaAdapter):
     """Qwen2: Llama layout with q/k/v biases (no output-projection or MLP bias)."""
@@ -218,6 +305,10 @@ class Qwen2Adapter(LlamaAdapter):
 
     def check(self, hf: dict) -> None:
         _reject(hf, self.name, hidden_act="silu", use_sliding_window=lambda v: not v)
+
+    def family_config(self, a: dict) -> dict:
+        return dict(use_sliding_window=False, sliding_window=None, max_window_layers=a["num_layers"],
+                    layer_types=["full_attention"] * a["num_layers"])
 
 
 class GPT2Adapter(Adapter):
@@ -272,6 +363,51 @@ class GPT2Adapter(Adapter):
             out[f"{m}mlp.linear_fc2.bias"] = read.get(f"{p}mlp.c_proj.bias", (h,))
         if "lm_head.weight" in read:
             read.get("lm_head.weight", (v, h))
+        return out
+
+    def unsupported(self, a: dict) -> list[str]:
+        bad = _mismatch(a, normalization="LayerNorm", activation="gelu", add_bias_linear=True,
+                        position_embedding_type="learned_absolute", share_embeddings_and_output_weights=True)
+        if a.get("num_query_groups") not in (None, a.get("num_attention_heads")):
+            bad.append(f"num_query_groups={a.get('num_query_groups')!r} (GPT-2 has no grouped-query attention)")
+        return bad
+
+    def hf_config(self, a: dict) -> dict:
+        h = a["hidden_size"]
+        act = "gelu_new" if a.get("gelu_approximate", "none") == "tanh" else "gelu"
+        return dict(
+            architectures=list(self.architectures), model_type=self.name, activation_function=act,
+            n_embd=h, n_layer=a["num_layers"], n_head=a["num_attention_heads"],
+            n_inner=None if a["ffn_hidden_size"] == 4 * h else a["ffn_hidden_size"], vocab_size=a["vocab_size"],
+            n_positions=a["max_position_embeddings"], layer_norm_epsilon=float(a["layernorm_epsilon"]),
+            attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0, scale_attn_weights=True,
+            scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False, add_cross_attention=False,
+            tie_word_embeddings=True, initializer_range=float(a.get("init_method_std", 0.02)),
+        )
+
+    def export(self, state: dict[str, torch.Tensor], a: dict) -> dict[str, torch.Tensor]:
+        h, heads = a["hidden_size"], a["num_attention_heads"]
+        d = h // heads
+        t = "transformer."
+        out = {f"{t}wte.weight": state["embedding.word_embeddings.weight"],
+               f"{t}wpe.weight": state["embedding.position_embeddings.weight"],
+               f"{t}ln_f.weight": state["decoder.final_layernorm.weight"],
+               f"{t}ln_f.bias": state["decoder.final_layernorm.bias"]}
+        for i in range(a["num_layers"]):
+            p, m = f"{t}h.{i}.", f"decoder.layers.{i}."
+            w = torch.cat(qkv_from_megatron(state[f"{m}self_attention.linear_qkv.weight"], heads, heads, d))
+            out[f"{p}attn.c_attn.weight"] = w.t().contiguous()  # Conv1D: [in, out]
+            out[f"{p}attn.c_attn.bias"] = torch.cat(
+                qkv_from_megatron(state[f"{m}self_attention.linear_qkv.bias"], heads, heads, d))
+            out[f"{p}attn.c_proj.weight"] = state[f"{m}self_attention.linear_proj.weight"].t().contiguous()
+            out[f"{p}attn.c_proj.bias"] = state[f"{m}self_attention.linear_proj.bias"]
+            for hf_norm, mg_norm in (("ln_1", "input_layernorm"), ("ln_2", "pre_mlp_layernorm")):
+                out[f"{p}{hf_norm}.weight"] = state[f"{m}{mg_norm}.weight"]
+                out[f"{p}{hf_norm}.bias"] = state[f"{m}{mg_norm}.bias"]
+            out[f"{p}mlp.c_fc.weight"] = state[f"{m}mlp.linear_fc1.weight"].t().contiguous()
+            out[f"{p}mlp.c_fc.bias"] = state[f"{m}mlp.linear_fc1.bias"]
+            out[f"{p}mlp.c_proj.weight"] = state[f"{m}mlp.linear_fc2.weight"].t().contiguous()
+            out[f"{p}mlp.c_proj.bias"] = state[f"{m}mlp.linear_fc2.bias"]
         return out
 
 
@@ -334,10 +470,41 @@ def convert_hf_state(hf_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]
     return arch, state
 
 
+def is_exit_field(name: str) -> bool:
+    """EarlyExitConfig fields that describe the exit heads (what ``early_exits.json`` carries)."""
+    return name.startswith("exit_") or name == "tie_exit_output"
+
+
+def read_exits(hf_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(EarlyExitConfig exit fields, ``exits.*`` megatron tensors) from the side files an export wrote next to
+    the HF checkpoint; ``({}, {})`` when there are none. Both files or neither."""
+    hf_dir = Path(hf_dir)
+    cfg_path, w_path = hf_dir / EXITS_CONFIG, hf_dir / EXITS_WEIGHTS
+    if not cfg_path.is_file() and not w_path.is_file():
+        return {}, {}
+    if not (cfg_path.is_file() and w_path.is_file()):
+        raise FileNotFoundError(f"{hf_dir} has {cfg_path.name if cfg_path.is_file() else w_path.name} but not "
+                                f"{w_path.name if cfg_path.is_file() else cfg_path.name}: exit heads need both")
+    from safetensors.torch import load_file
+
+    fields = json.loads(cfg_path.read_text())
+    if not isinstance(fields, dict) or not isinstance(fields.get("exit_layer_nums"), list):
+        raise ValueError(f"{cfg_path} has no exit_layer_nums list")
+    other = sorted(k for k in fields if not is_exit_field(k))
+    if other:
+        raise ValueError(f"{cfg_path} sets fields that are not exit fields: {other}")
+    state = load_file(str(w_path))
+    bad = sorted(k for k in state if not k.startswith("exits."))
+    if bad:
+        raise ValueError(f"{w_path} holds tensors outside exits.*: {bad[:8]}")
+    return fields, state
+
+
 def _pad_vocab(arch: dict, state: dict, size: int) -> None:
     """Grow the vocabulary to ``size`` rows (for appended special tokens): new rows = the mean row."""
     old = arch["vocab_size"]
-    for key in ("embedding.word_embeddings.weight", "output_layer.weight"):
+    heads = [k for k in state if k.startswith("exits.") and k.endswith("output_layer.weight")]
+    for key in ("embedding.word_embeddings.weight", "output_layer.weight", *heads):
         if key in state:
             w = state[key]
             state[key] = torch.cat([w, w.mean(0, keepdim=True).expand(size - old, -1)])
@@ -345,7 +512,10 @@ def _pad_vocab(arch: dict, state: dict, size: int) -> None:
 
 
 def convert_hf_to_nemo(hf_dir: str | Path, out: str | Path, seed: int = 1234) -> Path:
-    """Convert an HF checkpoint directory into a .nemo of EarlyExitGPTNeMoModel (no exits). Returns ``out``."""
+    """Convert an HF checkpoint directory into a .nemo of EarlyExitGPTNeMoModel. Returns ``out``.
+
+    No exits, unless the directory holds the side files ``early_exits.json`` + ``early_exits.safetensors``
+    written by :mod:`nemo_ee.checkpoint.hf_export`: then the exit heads are restored too."""
     import tempfile
 
     from omegaconf import OmegaConf
@@ -354,6 +524,8 @@ def convert_hf_to_nemo(hf_dir: str | Path, out: str | Path, seed: int = 1234) ->
 
     hf_dir, out = Path(hf_dir), Path(out)
     arch, state = convert_hf_state(hf_dir)
+    exit_fields, exit_state = read_exits(hf_dir)
+    state.update(exit_state)
     tok_src = hf_dir / "tokenizer.json"
     if not tok_src.is_file():
         raise FileNotFoundError(f"no tokenizer.json in {hf_dir} (a HF `tokenizers` file is needed)")
@@ -367,7 +539,7 @@ def convert_hf_to_nemo(hf_dir: str | Path, out: str | Path, seed: int = 1234) ->
             "data": {"corpus_root": None, "val_fraction": 0.05, "max_files": None, "num_workers": 0},
             "optim": {"lr": 1.0e-4, "min_lr": 1.0e-5, "warmup_steps": 0, "decay_style": "cosine",
                       "weight_decay": 0.01, "clip_grad": 1.0},
-            "arch": {**arch, "exit_layer_nums": [], "tensor_model_parallel_size": 1,
+            "arch": {**arch, "exit_layer_nums": [], **exit_fields, "tensor_model_parallel_size": 1,
                      "pipeline_model_parallel_size": 1},
         })
         model = EarlyExitGPTNeMoModel(cfg)
@@ -391,7 +563,8 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     parser = argparse.ArgumentParser(
         description="Convert a Hugging Face transformers checkpoint (config.json, *.safetensors, tokenizer.json) "
-                    "into a .nemo of EarlyExitGPTNeMoModel without exits. Supported architectures: "
+                    "into a .nemo of EarlyExitGPTNeMoModel (with exit heads only if the directory holds the early_exits.json + "
+                    "early_exits.safetensors side files of convert_nemo_to_hf.py). Supported architectures: "
                     + ", ".join(supported_architectures()) + ".",
     )
     parser.add_argument("--hf-dir", required=True, help="HF checkpoint directory (config.json, *.safetensors, "
