@@ -6,6 +6,7 @@ megatron's forward, recompute-free schedules and checkpoints all stay upstream c
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, NamedTuple, Optional
 
 import torch
@@ -173,6 +174,8 @@ class EarlyExitGPTModel(GPTModel):
         def hook(_module, args, kwargs):
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             self._captured[index] = (hidden, {k: kwargs.get(k) for k in _LAYER_KWARGS if k in kwargs})
+            if self._stop_after == index:
+                raise _StopForward
 
         return hook
 
@@ -208,11 +211,17 @@ class EarlyExitGPTModel(GPTModel):
         return EarlyExitOutput(output, exits)
 
     def forward_exits_only(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: Optional[torch.Tensor] = None
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        frozen_backbone: bool = False,
     ) -> dict:
         """This stage's exits only: the layers after the deepest local exit are not run.
 
         First stage only (it needs the token input). Returns {exit index: per-token loss or logits}.
+        ``frozen_backbone`` (EE-Tuning): the backbone runs under ``torch.no_grad`` and the exits read
+        detached hidden states, so autograd records (and saves activations for) the exit heads only.
         """
         if not self.pre_process:
             raise ValueError("forward_exits_only runs on the first pipeline stage, which holds the embedding")
@@ -221,10 +230,13 @@ class EarlyExitGPTModel(GPTModel):
         deepest = max(self.local_exit_indices, key=lambda i: self.exits[str(i)].point)
         self._captured, self._stop_after = {}, deepest
         try:
-            try:
-                super().forward(input_ids, position_ids, None)
-            except _StopForward:
-                pass
+            with torch.no_grad() if frozen_backbone else contextlib.nullcontext():
+                try:
+                    super().forward(input_ids, position_ids, None)
+                except _StopForward:
+                    pass
+            if frozen_backbone:
+                self._captured = {i: (h.detach(), kw) for i, (h, kw) in self._captured.items()}
             return self._exit_outputs(labels, None)
         finally:
             self._captured, self._stop_after = {}, None
