@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Optional
 
@@ -141,29 +142,33 @@ def _rope(hf: dict, family: str) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- adapters
-class Adapter:
-    """One HF model family: config mapping and tensor mapping."""
+class Adapter(ABC):
+    """One HF model family: config mapping and tensor mapping, both directions."""
 
     name = ""
     architectures: tuple[str, ...] = ()
     ignored = re.compile(r"$^")  # HF keys that are buffers, not parameters
 
+    @abstractmethod
     def arch(self, hf: dict) -> dict:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def convert(self, read: SafetensorsReader, arch: dict) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        ...
 
     # ---- export (megatron -> HF), the inverse of arch/convert
+    @abstractmethod
     def unsupported(self, arch: dict) -> list[str]:
         """Reasons this family cannot represent ``arch`` (empty = it can)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def hf_config(self, arch: dict) -> dict:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def export(self, state: dict[str, torch.Tensor], arch: dict) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        ...
 
 
 def _mismatch(arch: dict, **want: Any) -> list[str]:
