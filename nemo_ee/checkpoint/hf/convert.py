@@ -10,6 +10,7 @@ import torch
 from nemo_ee.checkpoint.hf.common import EXITS_CONFIG, EXITS_WEIGHTS, Adapter, SafetensorsReader
 from nemo_ee.checkpoint.hf.gpt2 import GPT2Adapter
 from nemo_ee.checkpoint.hf.llama import LlamaAdapter, MistralAdapter, Qwen2Adapter
+from nemo_ee.checkpoint.nemo_file import write_nemo
 
 
 ADAPTERS: tuple[Adapter, ...] = (LlamaAdapter(), MistralAdapter(), Qwen2Adapter(), GPT2Adapter())
@@ -29,23 +30,6 @@ def adapter_for(hf: dict) -> Adapter:
 
 
 # --------------------------------------------------------------------------------------------- conversion
-def _tokenizer(src: Path, out_dir: Path) -> tuple[Path, int]:
-    """The checkpoint's tokenizer.json, with nemo_ee's special tokens (EETokenizer needs them) appended as
-    added tokens if it lacks them. Returns (path of the tokenizer to embed, number of ids it has)."""
-    from tokenizers import AddedToken, Tokenizer
-
-    from nemo_ee.data.tokenizer import SPECIAL_TOKENS
-
-    tok = Tokenizer.from_file(str(src))
-    missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
-    if missing:
-        tok.add_special_tokens([AddedToken(t, special=True) for t in missing])
-    size = tok.get_vocab_size(with_added_tokens=True)
-    path = out_dir / "tokenizer.json"
-    tok.save(str(path))
-    return path, size
-
-
 def load_hf_config(hf_dir: str | Path) -> dict:
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
@@ -101,28 +85,11 @@ def read_exits(hf_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return fields, state
 
 
-def _pad_vocab(arch: dict, state: dict, size: int) -> None:
-    """Grow the vocabulary to ``size`` rows (for appended special tokens): new rows = the mean row."""
-    old = arch["vocab_size"]
-    heads = [k for k in state if k.startswith("exits.") and k.endswith("output_layer.weight")]
-    for key in ("embedding.word_embeddings.weight", "output_layer.weight", *heads):
-        if key in state:
-            w = state[key]
-            state[key] = torch.cat([w, w.mean(0, keepdim=True).expand(size - old, -1)])
-    arch["vocab_size"] = size
-
-
 def convert_hf_to_nemo(hf_dir: str | Path, out: str | Path, seed: int = 1234) -> Path:
     """Convert an HF checkpoint directory into a .nemo of EarlyExitGPTNeMoModel. Returns ``out``.
 
     No exits, unless the directory holds the side files ``early_exits.json`` + ``early_exits.safetensors``
     written by :mod:`nemo_ee.checkpoint.hf_export`: then the exit heads are restored too."""
-    import tempfile
-
-    from omegaconf import OmegaConf
-
-    from nemo_ee.models.nemo_model import EarlyExitGPTNeMoModel
-
     hf_dir, out = Path(hf_dir), Path(out)
     arch, state = convert_hf_state(hf_dir)
     exit_fields, exit_state = read_exits(hf_dir)
@@ -130,33 +97,7 @@ def convert_hf_to_nemo(hf_dir: str | Path, out: str | Path, seed: int = 1234) ->
     tok_src = hf_dir / "tokenizer.json"
     if not tok_src.is_file():
         raise FileNotFoundError(f"no tokenizer.json in {hf_dir} (a HF `tokenizers` file is needed)")
-    with tempfile.TemporaryDirectory() as tmp:
-        tok_path, tok_size = _tokenizer(tok_src, Path(tmp))
-        if tok_size > arch["vocab_size"]:
-            _pad_vocab(arch, state, tok_size)
-        cfg = OmegaConf.create({
-            "seed": seed, "micro_batch_size": 1, "global_batch_size": 1,
-            "tokenizer": {"vocab_size": tok_size, "tokenizer_file": str(tok_path), "cache_dir": None},
-            "data": {"corpus_root": None, "val_fraction": 0.05, "max_files": None, "num_workers": 0},
-            "optim": {"lr": 1.0e-4, "min_lr": 1.0e-5, "warmup_steps": 0, "decay_style": "cosine",
-                      "weight_decay": 0.01, "clip_grad": 1.0},
-            "arch": {**arch, "exit_layer_nums": [], **exit_fields, "tensor_model_parallel_size": 1,
-                     "pipeline_model_parallel_size": 1},
-        })
-        model = EarlyExitGPTNeMoModel(cfg)
-        expected = {k for k, v in model.model.state_dict().items() if v is not None and not k.endswith("_extra_state")}
-        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-        if missing or extra:
-            raise ValueError(f"converted state does not match the model: missing {missing}, unexpected {extra}")
-        params = model.model.state_dict()
-        for key, value in state.items():
-            if tuple(params[key].shape) != tuple(value.shape):
-                raise ValueError(f"converted {key} has shape {list(value.shape)}, model expects "
-                                 f"{list(params[key].shape)}")
-        model.model.load_state_dict(state, strict=False)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        model.save_to(str(out))
-    return out
+    return write_nemo(arch, state, tok_src, out, seed=seed, exit_fields=exit_fields)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
