@@ -1,0 +1,195 @@
+"""The main-job pipeline: config validation before any work, resume/skip decisions, and a short end-to-end run."""
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHORT = [
+    "pretrain.trainer.max_steps=6", "pretrain.trainer.val_check_interval=6", "pretrain.trainer.limit_val_batches=1",
+    "pretrain.trainer.enable_progress_bar=false", "pretrain.model.micro_batch_size=2",
+    "pretrain.model.global_batch_size=4", "pretrain.model.data.max_files=20", "pretrain.model.tokenizer.vocab_size=384",
+    "pretrain.model.arch.num_layers=4", "pretrain.model.arch.hidden_size=32", "pretrain.model.arch.num_attention_heads=4",
+    "pretrain.model.arch.ffn_hidden_size=64", "pretrain.model.arch.seq_length=16", "pretrain.model.arch.exit_layer_nums=[1,2]",
+    "stages.ee_tune.max_steps=10", "stages.ee_tune.micro_batch_size=4", "stages.evaluate.val_batches=2",
+    "stages.evaluate.batch_size=4",
+]
+STAGE_NAMES = ["corpus", "pretrain_plain", "pretrain_ee", "add_exits", "ee_tune", "evaluate"]
+
+
+def config(tmp_path, *overrides):
+    from nemo_ee.pipeline import load_config
+
+    return load_config([f"out_dir={tmp_path / 'out'}", "name=run", *SHORT, *overrides])
+
+
+def actions(plan):
+    return {p.stage.name: (p.action, p.reason) for p in plan}
+
+
+# ---------------------------------------------------------------------------------------------- validation
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["+stages.calibrate.skip=true"], r"unknown stage\(s\) \['calibrate'\]; the stages are \['corpus', "),
+        (["stages.pretrain_plain.nemo=/no/such/plain.nemo"], r"stages.pretrain_plain.nemo=/no/such/plain.nemo: no such file"),
+        (["stages.ee_tune.nemo=model.ckpt"], r"stages.ee_tune.nemo=model.ckpt: not a .nemo file"),
+        (["stages.add_exits.exit_fractions=[0.25,1.5]"], r"stages.add_exits.exit_fractions: 1.5 is outside \(0, 1\]"),
+        (["stages.add_exits.exit_fractions=[0,0.5]"], r"stages.add_exits.exit_fractions: 0 is outside \(0, 1\]"),
+        (["stages.add_exits.exit_fractions=[0.25,0.3]"], r"map to layers \[1, 1\]: layer 1 repeats"),
+        (["stages.add_exits.init=zeros"], r"stages.add_exits.init='zeros' is not one of \['copy', 'random'\]"),
+        (["+stages.evaluate.val_batchez=3"], r"stages.evaluate: unknown key\(s\) \['val_batchez'\]"),
+        (["stages.evaluate.val_batches=0"], r"stages.evaluate.val_batches=0 must be an integer >= 1"),
+        (["stages.ee_tune.restore_from=x.nemo"], r"stages.ee_tune.restore_from is set by the pipeline"),
+        (["stages.pretrain_ee.skip=yes"], r"stages.pretrain_ee.skip='yes' must be true or false"),
+        (["pretrain.model.arch.exit_layer_nums=[1,9]"], r"pretrain recipe for pretrain_ee: exit layer 9 is outside 1..4"),
+        (["pretrain.trainer.max_steps=0"], r"pretrain.trainer.max_steps=0 must be an integer >= 1"),
+    ],
+)
+def test_bad_config_is_rejected_before_any_work(tmp_path, overrides, message):
+    from nemo_ee.pipeline import plan_pipeline, run_pipeline
+
+    cfg = config(tmp_path, *overrides)
+    with pytest.raises(ValueError, match=message):
+        plan_pipeline(cfg)
+    with pytest.raises(ValueError, match="invalid pipeline config"):
+        run_pipeline(cfg)
+    assert not (tmp_path / "out").exists(), "the run directory was created before the config was validated"
+
+
+def test_a_bad_given_artefact_is_named(tmp_path):
+    from nemo_ee.pipeline import plan_pipeline
+
+    fake = tmp_path / "fake.nemo"
+    fake.write_bytes(b"not a tar archive")
+    with pytest.raises(ValueError, match=rf"stages.pretrain_ee.nemo={fake}: not a readable .nemo"):
+        plan_pipeline(config(tmp_path, f"stages.pretrain_ee.nemo={fake}"))
+    with pytest.raises(ValueError, match=r"stages.pretrain_ee.nemo=.* and stages.pretrain_ee.skip=true: choose one"):
+        plan_pipeline(config(tmp_path, f"stages.pretrain_ee.nemo={fake}", "stages.pretrain_ee.skip=true"))
+
+
+def test_skipping_a_stage_skips_what_needs_it(tmp_path):
+    from nemo_ee.pipeline import plan_pipeline
+
+    got = actions(plan_pipeline(config(tmp_path, "stages.pretrain_plain.skip=true")))
+    assert got == {
+        "corpus": ("run", "not run yet"),
+        "pretrain_plain": ("skip", "skip=true"),
+        "pretrain_ee": ("run", "not run yet"),
+        "add_exits": ("skip", "needs pretrain_plain, which is skipped"),
+        "ee_tune": ("skip", "needs add_exits, which is skipped"),
+        "evaluate": ("run", "not run yet"),
+    }
+    got = actions(plan_pipeline(config(tmp_path, "stages.pretrain_ee.skip=true", "stages.add_exits.skip=true")))
+    assert got["evaluate"] == ("skip", "needs pretrain_ee or add_exits or ee_tune, which is skipped")
+
+
+def _mark_all_done(plan, root):
+    """Write the done-markers a finished run leaves, with existing (empty) artefact files."""
+    from nemo_ee.pipeline.base import StageResult, write_marker
+
+    for p in plan:
+        stage_dir = root / p.stage.name
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        nemo = stage_dir / "model.nemo"
+        nemo.write_bytes(b"")
+        write_marker(stage_dir, p.stage.name, p.hash, "done", StageResult({"nemo": str(nemo)}), 1.0)
+
+
+def test_resume_reuses_done_stages_and_reruns_what_a_change_touches(tmp_path):
+    from nemo_ee.pipeline import plan_pipeline
+    from nemo_ee.pipeline.base import write_marker
+
+    root = tmp_path / "out" / "run"
+    first = plan_pipeline(config(tmp_path))
+    assert {p.action for p in first} == {"run"}
+    _mark_all_done(first, root)
+    assert {a for a, _ in actions(plan_pipeline(config(tmp_path))).values()} == {"reuse"}
+
+    # a tuning setting changes: EE-Tuning and what reads its model rerun, nothing upstream does
+    got = actions(plan_pipeline(config(tmp_path, "stages.ee_tune.max_steps=11")))
+    assert got == {**{n: ("reuse", "done earlier") for n in STAGE_NAMES[:4]},
+                   "ee_tune": ("run", "config changed"), "evaluate": ("run", "config changed")}
+
+    # a deleted artefact makes its stage run again
+    (root / "add_exits" / "model.nemo").unlink()
+    assert actions(plan_pipeline(config(tmp_path)))["add_exits"] == ("run", "incomplete")
+
+    # an interrupted pretraining (marker 'running', same config) resumes
+    write_marker(root / "pretrain_ee", "pretrain_ee", first[2].hash, "running")
+    assert actions(plan_pipeline(config(tmp_path)))["pretrain_ee"] == ("run", "interrupted earlier: resuming")
+
+    # a changed pretraining recipe would resume foreign checkpoints: an error unless rerun=true
+    with pytest.raises(ValueError, match=r"stages.pretrain_plain: .*pretrain_plain was made with another config "
+                                         r"\(hash [0-9a-f]{16}, now [0-9a-f]{16}\).*stages.pretrain_plain.rerun=true"):
+        plan_pipeline(config(tmp_path, "pretrain.trainer.max_steps=7"))
+    got = actions(plan_pipeline(config(tmp_path, "pretrain.trainer.max_steps=7", "stages.pretrain_plain.rerun=true",
+                                       "stages.pretrain_ee.rerun=true")))
+    assert got["pretrain_plain"] == ("run", "rerun=true") and got["add_exits"] == ("run", "config changed")
+    assert got["corpus"] == ("reuse", "done earlier")
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+def run_script(tmp_path, *args):
+    env = dict(os.environ, NEMO_EE_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "run_pipeline.py"), f"out_dir={tmp_path / 'out'}",
+                           *SHORT, *args], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+
+
+def parse_table(report: str, heading: str) -> tuple[list[str], dict[str, list[str]]]:
+    """(column headers, {row label: cells}) of the first markdown table after ``## heading``."""
+    lines = report.split(f"## {heading}\n", 1)[1].splitlines()
+    rows = [line for line in lines if line.startswith("|")]
+    table = [[c.strip() for c in row.strip("|").split("|")] for row in rows[:rows.index(rows[-1]) + 1]]
+    headers, body = table[0], [r for r in table[2:]]
+    return headers, {r[0]: r[1:] for r in body}
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", "not a PNG file"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_then_a_rerun_skips_every_stage(tmp_path):
+    proc = run_script(tmp_path, "name=e2e")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    root = tmp_path / "out" / "e2e"
+    info = json.loads((root / "pipeline.json").read_text())
+    assert [(s["stage"], s["action"]) for s in info["stages"]] == [(n, "run") for n in STAGE_NAMES]
+    for n in STAGE_NAMES:
+        assert f"=== [{STAGE_NAMES.index(n) + 1}/6] {n}: " in proc.stdout
+
+    report = (root / "report.md").read_text()
+    headers, rows = parse_table(report, "Validation loss per exit")
+    assert headers == ["output", "EE-pretrained", "exits added (untuned)", "EE-tuned"]
+    assert list(rows) == ["exit at layer 1 of 4", "exit at layer 2 of 4", "final (layer 4)"]
+    values = {label: [float(c) for c in cells] for label, cells in rows.items()}
+    assert all(math.isfinite(v) and 0 < v < 10 for cells in values.values() for v in cells), values
+    losses = json.loads((root / "evaluate" / "val_loss.json").read_text())["models"]
+    tuned, added = losses["EE-tuned"]["losses"], losses["exits added (untuned)"]["losses"]
+    assert tuned["final"] == added["final"], "EE-Tuning changed the frozen backbone's final output"
+    for layer in (1, 2):  # ten tuning steps lower each exit's validation loss (seeded, deterministic)
+        assert tuned[f"exit_l{layer}"] < added[f"exit_l{layer}"], (layer, tuned, added)
+    assert values["exit at layer 1 of 4"][2] == pytest.approx(tuned["exit_l1"], abs=5e-5)
+    width, height = png_size(root / "evaluate" / "val_loss_per_exit.png")
+    assert width >= 600 and height >= 400 and (root / "evaluate" / "val_loss_per_exit.png").stat().st_size > 10_000
+    assert "![validation loss per exit](evaluate/val_loss_per_exit.png)" in report
+    _, corpus = parse_table(report, "Corpus and tokenizer")
+    assert int(corpus["train"][0]) + int(corpus["val"][0]) == 20  # max_files=20
+
+    stamps = {p: p.stat().st_mtime_ns for p in root.rglob("*.nemo")}
+    assert len(stamps) == 4
+    again = run_script(tmp_path, "name=e2e")
+    assert again.returncode == 0, again.stderr[-3000:]
+    info = json.loads((root / "pipeline.json").read_text())
+    assert [(s["stage"], s["action"]) for s in info["stages"]] == [(n, "reuse") for n in STAGE_NAMES]
+    assert info["wall_time_s"] < 5
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*.nemo")} == stamps
+    assert parse_table((root / "report.md").read_text(), "Validation loss per exit")[1] == rows
