@@ -73,6 +73,40 @@ def test_a_bad_given_artefact_is_named(tmp_path):
         plan_pipeline(config(tmp_path, f"stages.pretrain_ee.nemo={fake}", "stages.pretrain_ee.skip=true"))
 
 
+def fake_nemo(path, **arch):
+    """A .nemo holding only its model_config.yaml (enough for the planner, which never loads weights)."""
+    import io
+    import tarfile
+
+    data = json.dumps({"arch": arch}).encode()  # JSON is YAML
+    with tarfile.open(path, "w") as tar:
+        info = tarfile.TarInfo("./model_config.yaml")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_given_models_replace_their_stages_and_are_checked(tmp_path):
+    from nemo_ee.pipeline import plan_pipeline
+
+    plain = fake_nemo(tmp_path / "plain.nemo", num_layers=12, exit_layer_nums=[])
+    plan = plan_pipeline(config(tmp_path, f"stages.pretrain_plain.nemo={plain}"))
+    got = {p.stage.name: p for p in plan}
+    assert (got["pretrain_plain"].action, got["pretrain_plain"].artefacts) == (
+        "given", {"nemo": str(plain), "exit_layers": []})
+    assert got["add_exits"].action == "run"
+    # the exit layers come from the given model's depth (2 layers: 1/4 and 1/2 both map to layer 1)
+    shallow = fake_nemo(tmp_path / "shallow.nemo", num_layers=2, exit_layer_nums=[])
+    with pytest.raises(ValueError, match=r"exit fractions \[0.25, 0.5\] map to layers \[1, 1\]"):
+        plan_pipeline(config(tmp_path, f"stages.pretrain_plain.nemo={shallow}"))
+    with pytest.raises(ValueError, match=rf"stages.pretrain_ee.nemo={plain} has no exits"):
+        plan_pipeline(config(tmp_path, f"stages.pretrain_ee.nemo={plain}"))
+    # a given model's identity feeds the hashes downstream: another file, another add_exits config
+    other = fake_nemo(tmp_path / "other.nemo", num_layers=12, exit_layer_nums=[])
+    again = {p.stage.name: p for p in plan_pipeline(config(tmp_path, f"stages.pretrain_plain.nemo={other}"))}
+    assert again["add_exits"].hash != got["add_exits"].hash and again["pretrain_ee"].hash == got["pretrain_ee"].hash
+
+
 def test_skipping_a_stage_skips_what_needs_it(tmp_path):
     from nemo_ee.pipeline import plan_pipeline
 
@@ -134,6 +168,27 @@ def test_resume_reuses_done_stages_and_reruns_what_a_change_touches(tmp_path):
     assert got["corpus"] == ("reuse", "done earlier")
 
 
+def test_validation_windows_are_spread_fixed_and_clamped_to_the_split():
+    from nemo_ee.pipeline.evaluate import validation_windows
+
+    assert validation_windows(10, 2, 3) == [[0, 1, 3], [5, 6, 8]]
+    assert validation_windows(10, 2, 3) == validation_windows(10, 2, 3)
+    assert validation_windows(10, 5, 3) == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]  # 15 > 10 windows: 3 batches
+    with pytest.raises(ValueError, match=r"batch_size=3 windows, but the validation split has only 2"):
+        validation_windows(2, 1, 3)
+    with pytest.raises(ValueError, match=r"val_batches=0 must be an integer >= 1"):
+        validation_windows(10, 0, 3)
+
+
+def test_report_keeps_stage_order_and_sections():
+    from nemo_ee.pipeline.report import Section, markdown_table, render_report
+
+    text = render_report("r", [["corpus", "ran", "1.0s"]], [Section("A", "alpha"), Section("B", "beta")])
+    assert text.index("## Stages") < text.index("## A") < text.index("alpha") < text.index("## B")
+    assert markdown_table(["x", "loss"], [["exit", 1.23456], ["final", None]]).splitlines() == [
+        "| x | loss |", "|---|---:|", "| exit | 1.2346 |", "| final | — |"]
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 def run_script(tmp_path, *args):
     env = dict(os.environ, NEMO_EE_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(REPO))
@@ -144,9 +199,10 @@ def run_script(tmp_path, *args):
 def parse_table(report: str, heading: str) -> tuple[list[str], dict[str, list[str]]]:
     """(column headers, {row label: cells}) of the first markdown table after ``## heading``."""
     lines = report.split(f"## {heading}\n", 1)[1].splitlines()
-    rows = [line for line in lines if line.startswith("|")]
-    table = [[c.strip() for c in row.strip("|").split("|")] for row in rows[:rows.index(rows[-1]) + 1]]
-    headers, body = table[0], [r for r in table[2:]]
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    table = [[c.strip() for c in row.strip("|").split("|")] for row in lines[start:end]]
+    headers, body = table[0], table[2:]
     return headers, {r[0]: r[1:] for r in body}
 
 

@@ -11,14 +11,19 @@ PathLike = Union[str, Path]
 
 
 def validation_windows(num_windows: int, num_batches: int, batch_size: int) -> list[list[int]]:
-    """Window indices of ``num_batches`` batches spread evenly over the split (deterministic, no repeats)."""
+    """Window indices of ``num_batches`` batches spread evenly over the split (deterministic, no repeats);
+    fewer batches when the split is too small for ``num_batches``."""
     for name, value in (("val_batches", num_batches), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r} must be an integer >= 1")
+    if batch_size > num_windows:
+        raise ValueError(f"batch_size={batch_size} windows, but the validation split has only {num_windows}; "
+                         f"lower stages.evaluate.batch_size")
+    if num_batches * batch_size > num_windows:  # a small corpus: fewer batches rather than a failure at the end
+        print(f"validation split: {num_windows} windows, fewer than val_batches x batch_size = {num_batches} x "
+              f"{batch_size}; evaluating {num_windows // batch_size} batches", flush=True)
+        num_batches = num_windows // batch_size
     wanted = num_batches * batch_size
-    if wanted > num_windows:
-        raise ValueError(f"val_batches x batch_size = {num_batches} x {batch_size} = {wanted} windows, but the "
-                         f"validation split has only {num_windows}; lower val_batches or batch_size")
     picks = [int(i * num_windows // wanted) for i in range(wanted)]
     return [picks[b * batch_size:(b + 1) * batch_size] for b in range(num_batches)]
 
@@ -74,7 +79,8 @@ def evaluate_models(paths: dict[str, PathLike], val_batches: int, batch_size: in
             batches = [{k: torch.stack([val_ds[i][k] for i in idx]) for k in ("tokens", "labels", "loss_mask",
                                                                             "position_ids")} for idx in windows]
             key, first = _data_key(model), label
-            results["windows"] = val_batches * batch_size
+            results["val_batches"] = len(windows)
+            results["windows"] = len(windows) * batch_size
             results["tokens"] = int(sum(float(b["loss_mask"].sum()) for b in batches))
             results["val_split_windows"] = len(val_ds)
         elif _data_key(model) != key:

@@ -19,10 +19,12 @@ class Section:
     body: str
 
     def to_dict(self) -> dict:
+        """The JSON form kept in a stage's done-marker."""
         return {"title": self.title, "body": self.body}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Section":
+        """Back from :meth:`to_dict`."""
         return cls(str(data["title"]), str(data["body"]))
 
 

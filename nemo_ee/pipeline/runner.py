@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from nemo_ee.pipeline.base import (
     Stage, StageContext, StageResult, artefact_paths_exist, config_hash, file_identity, format_seconds,
@@ -240,7 +240,3 @@ def run_pipeline(cfg: DictConfig, stages: Sequence[Stage] = STAGES) -> dict[str,
     print(f"\npipeline {cfg.name} finished in {format_seconds(wall)}; report: {report}", flush=True)
     return info
 
-
-def config_summary(cfg: DictConfig) -> str:
-    """The resolved config as YAML, for the log at the start of a run."""
-    return OmegaConf.to_yaml(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)))

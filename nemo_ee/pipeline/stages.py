@@ -47,6 +47,7 @@ def _size(num_bytes: int) -> str:
 
 
 def corpus_settings(cfg: DictConfig) -> dict:
+    """What the corpus stage depends on: the data section, vocabulary size, window length, given tokenizer."""
     model = cfg.pretrain.model
     return {"data": {k: model.data.get(k) for k in ("corpus_root", "val_fraction", "max_files")},
             "vocab_size": model.tokenizer.vocab_size, "seq_length": model.arch.seq_length,
@@ -54,6 +55,7 @@ def corpus_settings(cfg: DictConfig) -> dict:
 
 
 def check_corpus(cfg: DictConfig, given: dict) -> None:
+    """The corpus spec (root, split, max_files) and a given tokenizer file, before any work."""
     from nemo_ee.models.nemo_model import _corpus_spec
 
     _corpus_spec(cfg.pretrain.model.data)  # bad corpus_root / val_fraction / max_files
@@ -178,6 +180,7 @@ def run_pretrain_ee(ctx: StageContext) -> StageResult:
 
 
 def check_pretrain_ee(cfg: DictConfig, given: dict) -> None:
+    """A given EE model must have exits; otherwise the recipe must build an early-exit GPT."""
     if "pretrain_ee" in given:
         if not _nemo_arch(given["pretrain_ee"]).get("exit_layer_nums"):
             raise ValueError(f"stages.pretrain_ee.nemo={given['pretrain_ee']} has no exits")
@@ -206,11 +209,13 @@ def _exit_layers(cfg: DictConfig, given: dict) -> list[int]:
 
 
 def add_exits_settings(cfg: DictConfig) -> dict:
+    """What the add_exits stage depends on: where the exits go, how they start, their loss weights."""
     stage = cfg.stages.add_exits
     return {k: _plain(stage)[k] for k in ("exit_fractions", "init", "exit_loss_weights")}
 
 
 def check_add_exits(cfg: DictConfig, given: dict) -> None:
+    """Fractions in (0, 1] that map to distinct layers of the plain model; init copy or random."""
     if "add_exits" in given:
         if not _nemo_arch(given["add_exits"]).get("exit_layer_nums"):
             raise ValueError(f"stages.add_exits.nemo={given['add_exits']} has no exits")
@@ -246,11 +251,13 @@ _TUNE_OWN = ("nemo", "restore_from", "output", "overwrite", "name")
 
 
 def ee_tune_settings(cfg: DictConfig) -> dict:
+    """The ee_tuning keys that change the tuned model (not the paths the pipeline sets)."""
     stage = _plain(cfg.stages.ee_tune)
     return {k: v for k, v in stage.items() if k not in COMMON_KEYS and k not in _TUNE_OWN}
 
 
 def check_ee_tune(cfg: DictConfig, given: dict) -> None:
+    """restore_from / output left to the pipeline; step and batch counts positive; a known optimizer."""
     stage = cfg.stages.ee_tune
     if "ee_tune" in given:
         if not _nemo_arch(given["ee_tune"]).get("exit_layer_nums"):
@@ -289,10 +296,12 @@ def run_ee_tune(ctx: StageContext) -> StageResult:
 
 # ---------------------------------------------------------------------------------------------- evaluation
 def evaluate_settings(cfg: DictConfig) -> dict:
+    """What the evaluation depends on: how many validation batches of how many windows."""
     return {k: cfg.stages.evaluate.get(k) for k in ("val_batches", "batch_size")}
 
 
 def check_evaluate(cfg: DictConfig, given: dict) -> None:
+    """val_batches and batch_size are integers >= 1."""
     for key, value in evaluate_settings(cfg).items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"stages.evaluate.{key}={value!r} must be an integer >= 1")
