@@ -2,7 +2,9 @@
 gives megatron's own GPTModel's logits exactly, and bad checkpoints or architectures fail with clear errors."""
 from __future__ import annotations
 
+import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -85,18 +87,26 @@ def _tokenizer_dir(path: Path, size: int = V - 8) -> Path:
     return path
 
 
-def _max_diff(gpt, nemo: Path, vocab: int = V) -> float:
+def TOKENS(vocab: int = V) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+def _nemo_logits(nemo: Path, vocab: int = V) -> torch.Tensor:
     from nemo_ee.models.nemo_model import EarlyExitGPTNeMoModel
 
     model = EarlyExitGPTNeMoModel.restore_from(str(nemo)).eval()
     assert model.ee_config.num_exits == 0 and model.ee_config.vocab_size == vocab
-    tokens = torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(1))
-    positions = torch.arange(24).expand_as(tokens)
     with torch.no_grad():
-        expected = gpt.float()(tokens, positions, None)
-        got, exits = model(tokens)
-    assert exits == {} and got.shape == expected.shape == (2, 24, vocab)
-    return (got - expected).abs().max().item()
+        got, exits = model(TOKENS(vocab))
+    assert exits == {} and got.shape == (2, 24, vocab)
+    return got
+
+
+def _max_diff(gpt, nemo: Path, vocab: int = V) -> float:
+    tokens = TOKENS(vocab)
+    with torch.no_grad():
+        expected = gpt.float()(tokens, torch.arange(24).expand_as(tokens), None)
+    return (_nemo_logits(nemo, vocab) - expected).abs().max().item()
 
 
 def test_gpt2_like_from_recipe_yaml(single_process, tmp_path):
@@ -267,3 +277,23 @@ def test_script_help_and_error_exit():
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "convert_megatron_to_nemo.py"), "--ckpt",
                           "/nonexistent/ckpt", "--out", "x.nemo"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "checkpoint directory /nonexistent/ckpt does not exist" in bad.stderr
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_checkpoint_saved_at_tp2_by_two_ranks(single_process, tmp_path):
+    """A checkpoint megatron wrote from 2 tensor-parallel ranks imports at TP=1 with the TP=2 model's logits."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={port}", str(ROOT / "tests" / "checkpoint" / "_megatron_tp_worker.py"), str(tmp_path)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+    assert len(list((tmp_path / "ckpt").glob("*.distcp"))) == 2  # one shard file per rank
+    expected = torch.load(tmp_path / "logits.pt", weights_only=True)
+    nemo = convert_megatron_to_nemo(tmp_path / "ckpt", tmp_path / "m.nemo", overrides=LLAMA_ARGS,
+                                    tokenizer=_tokenizer_dir(tmp_path / "tok"))
+    diff = (_nemo_logits(nemo) - expected).abs().max().item()
+    assert diff <= 1e-5  # TP=2 splits the matmuls and all-reduces partial sums: rounding only
