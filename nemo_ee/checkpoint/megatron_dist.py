@@ -31,7 +31,8 @@ from nemo_ee.checkpoint.megatron_arch import (
     parse_overrides,
 )
 
-__all__ = ["Checkpoint", "convert_megatron_to_nemo", "load_megatron_state", "locate", "resolve_arch"]
+__all__ = ["Checkpoint", "convert_megatron_to_nemo", "load_megatron_state", "locate", "main", "resolve_arch",
+           "resolve_tokenizer"]
 
 _MARKER = "metadata.json"
 _ANCHORS = ("embedding.word_embeddings.weight", "decoder.final_layernorm.weight")
@@ -48,16 +49,14 @@ class Checkpoint:
     model_yaml: Optional[Path] = None
     tokenizer: Optional[Path] = None
 
-    @property
-    def kind(self) -> str:
-        return "NeMo-2" if self.weights != self.root else "megatron-core"
-
 
 def locate(ckpt_dir: str | Path) -> Checkpoint:
     """The checkpoint's layout (megatron-core or NeMo-2), or a clear error saying what the folder is not."""
     root = Path(ckpt_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"checkpoint directory {root} does not exist")
+    if root.name == "weights" and (root.parent / "context").is_dir():  # a NeMo-2 checkpoint's weights/ folder
+        root = root.parent
     if (root / "weights" / _MARKER).is_file():
         ckpt = Checkpoint(root, root / "weights")
         ctx = root / "context"
@@ -109,7 +108,10 @@ def resolve_arch(ckpt: Checkpoint, arch_yaml: Optional[str | Path] = None,
     check_required(arch, "from " + " + ".join(origins) if origins else "no --arch YAML, no overrides, no "
                    "context/model.yaml")
     shapes = shapes or {}
-    if arch.get("vocab_size") is None and "embedding.word_embeddings.weight" in shapes:
+    if arch.get("vocab_size") is None:
+        if "embedding.word_embeddings.weight" not in shapes:
+            raise ValueError("the checkpoint has no embedding.word_embeddings.weight to read the vocabulary size "
+                             "from: pass it as an override (vocab_size=N)")
         arch["vocab_size"] = shapes["embedding.word_embeddings.weight"][0]
     positions = shapes.get("embedding.position_embeddings.weight")
     if positions and arch.get("position_embedding_type", "learned_absolute") == "learned_absolute":

@@ -159,8 +159,14 @@ def _nemo2(tmp_path: Path, gpt, **config_changes) -> Path:
 def test_nemo2_layout(single_process, tmp_path):
     """weights/ with module.-prefixed keys, architecture from context/model.yaml (no target is instantiated),
     tokenizer from context/nemo_tokenizer."""
+    from nemo_ee.checkpoint.megatron_dist import locate
+
     gpt = _gpt("llama")
-    nemo = convert_megatron_to_nemo(_nemo2(tmp_path, gpt), tmp_path / "m.nemo")
+    root = _nemo2(tmp_path, gpt)
+    found = locate(root / "weights")  # the weights/ folder itself is understood as its NeMo-2 checkpoint
+    assert (found.root, found.weights, found.model_yaml) == (root, root / "weights", root / "context" / "model.yaml")
+    assert found.tokenizer == root / "context" / "nemo_tokenizer" / "tokenizer.json"
+    nemo = convert_megatron_to_nemo(root, tmp_path / "m.nemo")
     assert _max_diff(gpt, nemo) == 0.0
     from nemo_ee.models.nemo_model import EarlyExitGPTNeMoModel
 
