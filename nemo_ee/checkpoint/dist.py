@@ -107,7 +107,7 @@ def _sync_strategy_class() -> type:
             dcp.save(pyt_state_dict, storage_writer=writer, planner=planner)
 
         def async_save(self, sharded_state_dict: Any, checkpoint_dir: Path):
-            raise NotImplementedError("SyncTorchDistSaveStrategy saves synchronously only")
+            raise RuntimeError("SyncTorchDistSaveStrategy saves synchronously only: call save(), not async_save()")
 
     return SyncTorchDistSaveStrategy
 
