@@ -122,6 +122,7 @@ def export_model(model, out: str | Path, family: Optional[str] = None, overwrite
 
 def convert_nemo_to_hf(nemo: str | Path, out: str | Path, family: Optional[str] = None,
                        overwrite: bool = False) -> Path:
+    """Restore the .nemo ``nemo`` on CPU and export it as the HF checkpoint directory ``out``."""
     from nemo_ee.models.nemo_model import EarlyExitGPTNeMoModel
 
     model = EarlyExitGPTNeMoModel.restore_from(str(nemo), map_location="cpu").eval()
@@ -129,6 +130,7 @@ def convert_nemo_to_hf(nemo: str | Path, out: str | Path, family: Optional[str] 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Path:
+    """``scripts/convert_nemo_to_hf.py``."""
     import argparse
 
     parser = argparse.ArgumentParser(

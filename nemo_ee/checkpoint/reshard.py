@@ -22,6 +22,7 @@ def world_size_from_env() -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``scripts/reshard.py``."""
     parser = argparse.ArgumentParser(
         description="Convert an early-exit GPT distributed checkpoint to another tensor/pipeline parallel layout. "
         "Run as: torchrun --nproc_per_node TP*PP scripts/reshard.py --in SRC --out DST --tp TP --pp PP",
@@ -80,6 +81,7 @@ def reshard(src: Path, dst: Path, cfg: EarlyExitConfig, seed: int = 1234) -> Non
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    """``scripts/reshard.py``: reshard, report on rank 0, tear the process group down."""
     args, cfg = parse_args(argv)
     reshard(args.src, args.dst, cfg, args.seed)
     import torch.distributed as dist

@@ -53,12 +53,14 @@ class SafetensorsReader:
         self.used: set[str] = set()
 
     def keys(self) -> set[str]:
+        """Every tensor name in the directory's safetensors files."""
         return set(self._file)
 
     def __contains__(self, key: str) -> bool:
         return key in self._file
 
     def get(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """Tensor ``key`` as fp32, after checking it has ``shape`` (marks it used)."""
         if key not in self._file:
             raise KeyError(f"HF checkpoint has no tensor {key!r}")
         actual = tuple(self._handles[key].get_slice(key).get_shape())
@@ -69,7 +71,8 @@ class SafetensorsReader:
         return self._handles[key].get_tensor(key).to(torch.float32)
 
 
-def qkv_to_megatron(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, groups: int, head_dim: int):
+def qkv_to_megatron(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, groups: int,
+                    head_dim: int) -> torch.Tensor:
     """Separate q/k/v projections (weights [out, in] or biases [out]) -> megatron's per-group linear_qkv."""
     tail = q.shape[1:]
     q = q.reshape(groups, heads // groups * head_dim, *tail)
@@ -78,7 +81,8 @@ def qkv_to_megatron(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: in
     return torch.cat([q, k, v], dim=1).reshape(-1, *tail).contiguous()
 
 
-def qkv_from_megatron(qkv: torch.Tensor, heads: int, groups: int, head_dim: int):
+def qkv_from_megatron(qkv: torch.Tensor, heads: int, groups: int,
+                      head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inverse of :func:`qkv_to_megatron`: megatron's per-group linear_qkv -> (q, k, v), each contiguous."""
     tail = qkv.shape[1:]
     q, k, v = qkv.reshape(groups, heads // groups * head_dim + 2 * head_dim, *tail).split(
@@ -150,11 +154,11 @@ class Adapter(ABC):
 
     @abstractmethod
     def arch(self, hf: dict) -> dict:
-        ...
+        """EarlyExitConfig fields of the HF ``config.json`` dict (raises on what megatron cannot reproduce)."""
 
     @abstractmethod
     def convert(self, read: SafetensorsReader, arch: dict) -> dict[str, torch.Tensor]:
-        ...
+        """megatron GPTModel state dict from the HF tensors (each shape-checked by ``read``)."""
 
     # ---- export (megatron -> HF), the inverse of arch/convert
     @abstractmethod
@@ -163,11 +167,11 @@ class Adapter(ABC):
 
     @abstractmethod
     def hf_config(self, arch: dict) -> dict:
-        ...
+        """HF ``config.json`` dict for ``arch`` (inverse of :meth:`arch`)."""
 
     @abstractmethod
     def export(self, state: dict[str, torch.Tensor], arch: dict) -> dict[str, torch.Tensor]:
-        ...
+        """HF tensors from a megatron state dict (inverse of :meth:`convert`)."""
 
 
 def _mismatch(arch: dict, **want: Any) -> list[str]:

@@ -17,10 +17,12 @@ ADAPTERS: tuple[Adapter, ...] = (LlamaAdapter(), MistralAdapter(), Qwen2Adapter(
 
 
 def supported_architectures() -> list[str]:
+    """HF ``architectures`` names the importer converts."""
     return [name for adapter in ADAPTERS for name in adapter.architectures]
 
 
 def adapter_for(hf: dict) -> Adapter:
+    """The family adapter for an HF config dict (by its ``architectures``), or a ValueError naming the supported ones."""
     names = hf.get("architectures") or []
     for adapter in ADAPTERS:
         if any(n in adapter.architectures for n in names):
@@ -31,6 +33,7 @@ def adapter_for(hf: dict) -> Adapter:
 
 # --------------------------------------------------------------------------------------------- conversion
 def load_hf_config(hf_dir: str | Path) -> dict:
+    """The ``config.json`` of an HF checkpoint directory, with clear errors for a missing folder or file."""
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
         raise FileNotFoundError(f"HF checkpoint directory {hf_dir} does not exist")
@@ -101,6 +104,7 @@ def convert_hf_to_nemo(hf_dir: str | Path, out: str | Path, seed: int = 1234) ->
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    """``scripts/convert_hf_to_nemo.py``."""
     import argparse
 
     parser = argparse.ArgumentParser(
