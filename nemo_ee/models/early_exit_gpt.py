@@ -241,6 +241,35 @@ class EarlyExitGPTModel(GPTModel):
         finally:
             self._captured, self._stop_after = {}, None
 
+    def forward_frozen_stage(
+        self,
+        input_ids: Optional[torch.Tensor],
+        position_ids: torch.Tensor,
+        labels: torch.Tensor,
+        run_to_end: bool = True,
+    ) -> tuple[Optional[torch.Tensor], dict]:
+        """EE-Tuning on any pipeline stage: backbone under ``no_grad``, this stage's exits on detached inputs.
+
+        A non-first stage reads the hidden state given to ``set_input_tensor``. Returns (the stage's output
+        hidden state [s, b, h] with no autograd history, or None when ``run_to_end`` is False and the forward
+        stopped after the deepest local exit; {exit index: per-token loss}).
+        """
+        stop = None
+        if not run_to_end and len(self.exits):
+            stop = max(self.local_exit_indices, key=lambda i: self.exits[str(i)].point)
+        self._captured, self._stop_after = {}, stop
+        output = None
+        try:
+            with torch.no_grad():
+                try:
+                    output = super().forward(input_ids, position_ids, None)
+                except _StopForward:
+                    pass
+            self._captured = {i: (h.detach(), kw) for i, (h, kw) in self._captured.items()}
+            return output, self._exit_outputs(labels, None)
+        finally:
+            self._captured, self._stop_after = {}, None
+
     def _exit_outputs(self, labels: Optional[torch.Tensor], runtime_gather_output: Optional[bool]) -> dict:
         shared = None
         if self.ee_config.tie_exit_output and len(self.exits):

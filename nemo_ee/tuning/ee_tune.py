@@ -1,4 +1,4 @@
-"""EE-Tuning step 2: train the exits of a trained model with its backbone frozen (TP=PP=1 for now).
+"""EE-Tuning step 2: train the exits of a trained model with its backbone frozen (TP=PP=1; PP>1: tuning/pipeline.py).
 
 - every parameter not under ``exits.`` gets ``requires_grad=False`` (:func:`freeze_backbone`);
 - the backbone runs under ``torch.no_grad`` up to the deepest exit only and the exits read detached
@@ -157,10 +157,28 @@ class EETuner:
 
 
 # ---------------------------------------------------------------------- .nemo driver (scripts/ee_tune.py)
+def batch_order(num_samples: int, seed: int) -> torch.Tensor:
+    """The sample order of a tuning run (the same on every rank and at every pipeline size)."""
+    return torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))
+
+
+def step_batch(dataset: Any, order: torch.Tensor, step: int, size: int) -> dict:
+    """The ``size`` samples of tuning step ``step``, stacked (tokens, labels, loss_mask, position_ids)."""
+    items = [dataset[int(order[(step * size + j) % len(order)])] for j in range(size)]
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+def format_losses(ee_config: EarlyExitConfig, losses: Mapping[int, float]) -> str:
+    """``exit_l2=3.1234 exit_l4=2.9876``: per-exit losses named by their layers."""
+    return " ".join(f"exit_l{ee_config.exit_layer_nums[i]}={v:.4f}" for i, v in sorted(losses.items()))
+
+
 def tune_nemo(cfg: Any) -> dict:
     """Tune the exits of ``cfg.restore_from`` (a .nemo from add_exits) and write ``cfg.output``.
 
-    ``cfg`` is conf/ee_tuning.yaml. Single process, TP=PP=1; the backbone is restored and saved bit-exactly.
+    ``cfg`` is conf/ee_tuning.yaml; the backbone is restored and saved bit-exactly. TP=PP=1 runs in this
+    process; ``pipeline_model_parallel_size`` > 1 (under torchrun, one process per stage) runs the
+    pipeline tuner (:func:`nemo_ee.tuning.nemo_pipeline.tune_nemo_pipeline`).
     Returns {"first": {exit: CE}, "last": {exit: CE}, "steps": n, "output": path}.
     """
     import os
@@ -171,6 +189,14 @@ def tune_nemo(cfg: Any) -> dict:
     from nemo_ee.data import build_datasets
     from nemo_ee.models.nemo_model import EarlyExitGPTNeMoModel, _cache_dir, _corpus_spec
 
+    pp = cfg.get("pipeline_model_parallel_size", 1)
+    if pp != 1:
+        from nemo_ee.tuning.nemo_pipeline import tune_nemo_pipeline
+
+        return tune_nemo_pipeline(cfg)
+    if int(cfg.get("num_microbatches", 1)) != 1:
+        raise ValueError(f"num_microbatches={cfg.num_microbatches} needs pipeline_model_parallel_size > 1 "
+                         "(at 1 a step is one batch of micro_batch_size)")
     src, dst = Path(str(cfg.restore_from)), Path(str(cfg.output))
     if dst.suffix != ".nemo":
         raise ValueError(f"output={dst} must end in .nemo")
@@ -188,19 +214,15 @@ def tune_nemo(cfg: Any) -> dict:
     tuner = EETuner(model.model, lr=float(optim.lr), weight_decay=float(optim.weight_decay),
                     optimizer=str(cfg.get("optimizer", "torch")), clip_grad=float(optim.clip_grad),
                     max_steps=int(cfg.max_steps))
-    g = torch.Generator().manual_seed(int(cfg.seed))
     mbs, steps, every = int(cfg.micro_batch_size), int(cfg.max_steps), max(1, int(cfg.get("log_every_n_steps", 10)))
-    order = torch.randperm(len(train_ds), generator=g)
+    order = batch_order(len(train_ds), int(cfg.seed))
     first = last = {}
     for step in range(steps):
-        idx = [int(order[(step * mbs + j) % len(order)]) for j in range(mbs)]
-        items = [train_ds[i] for i in idx]
-        batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+        batch = step_batch(train_ds, order, step, mbs)
         last = tuner.step(batch["tokens"], batch["labels"], batch["loss_mask"], batch["position_ids"])
         first = first or last
         if step % every == 0 or step == steps - 1:
-            losses = " ".join(f"exit_l{ee.exit_layer_nums[i]}={v:.4f}" for i, v in sorted(last.items()))
-            print(f"step {step + 1}/{steps}: {losses}", flush=True)
+            print(f"step {step + 1}/{steps}: {format_losses(ee, last)}", flush=True)
     for p in model.model.parameters():
         p.requires_grad_(True)
     dst.parent.mkdir(parents=True, exist_ok=True)
