@@ -9,13 +9,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from nemo_ee.pipeline.report import Section
 
@@ -141,3 +142,33 @@ def format_seconds(seconds: float) -> str:
     minutes, sec = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m{sec:02d}s" if hours else f"{minutes}m{sec:02d}s"
+
+
+def plain_dict(cfg: DictConfig) -> dict:
+    """A config node as plain containers, interpolations resolved (``???`` kept)."""
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+
+
+def save_nemo(model: Any, path: Path) -> Path:
+    """``model.save_to`` via a temp file and ``os.replace``: a killed save never leaves a half .nemo."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.nemo")
+    try:
+        model.save_to(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def nemo_arch(path: str) -> dict:
+    """The ``arch`` section of a .nemo's config, read from the archive without loading weights."""
+    from nemo_ee.tuning.add_exits import read_nemo_config
+
+    return plain_dict(read_nemo_config(path).arch)
+
+
+def remove_stage_dir(stage_dir: Path) -> None:
+    """Discard a stage's old outputs (``rerun=true`` or a changed config of a stage that cannot resume)."""
+    if stage_dir.is_dir():
+        shutil.rmtree(stage_dir)

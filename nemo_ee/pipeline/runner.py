@@ -17,10 +17,10 @@ from omegaconf import DictConfig
 
 from nemo_ee.pipeline.base import (
     Stage, StageContext, StageResult, artefact_paths_exist, config_hash, file_identity, format_seconds,
-    read_marker, write_json, write_marker,
+    read_marker, remove_stage_dir, write_json, write_marker,
 )
 from nemo_ee.pipeline.report import Section, write_report
-from nemo_ee.pipeline.stages import STAGES, remove_stage_dir
+from nemo_ee.pipeline.stages import STAGES
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
