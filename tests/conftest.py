@@ -1,4 +1,10 @@
 import pytest
+import torch
+
+# The test models are tiny: one intra-op thread is as fast, and it does not collapse when other
+# processes (torchrun workers, a busy CI box) share the two cores - oversubscribed OpenMP threads
+# spin and made the same tests 100x slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture

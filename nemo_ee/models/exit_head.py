@@ -73,6 +73,10 @@ class ExitHead(MegatronModule):
         """The head's last hidden state (before the output projection), [s, b, h]."""
         if self.block is not None:
             hidden_states, _ = self.block(hidden_states=hidden_states, **layer_kwargs)
+        return self.tail(hidden_states)
+
+    def tail(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """What follows the exit block: residual MLP, then norm (the decoder runs the block itself)."""
         if self.mlp is not None:
             out, bias = self.mlp(self.mlp_norm(hidden_states))
             hidden_states = hidden_states + (out if bias is None else out + bias)

@@ -1,0 +1,1 @@
+"""Early-exit inference: KV cache, exit policies, sampling, batched and self-speculative decoding."""

@@ -1,0 +1,232 @@
+"""The early-exit forward for decoding: per-row exits with KV recomputation over a static cache.
+
+Vocabulary: a *point* p is the hidden state after p backbone layers (0 = embeddings). Layer p+1 and
+the exit blocks reading point p consume it. The engine keeps every point's hidden states in a static
+buffer and, per (attention module, row), how many positions that module has cached.
+
+A step feeds new tokens per row and walks the points upwards. At each exit a row's rule decides; a
+row that leaves stops there. The layers above have no KV for its tokens yet: the next time the row
+goes deeper, each layer first processes the positions it is missing (read from the point buffer)
+together with the new ones, in one batched forward (EE-LLM's KV recomputation, without recomputing the
+layers below). Rows of a batch lag by different amounts; their queries are padded to the longest.
+
+All megatron modules are megatron's own (embedding, layers, exit heads, final norm, output layer);
+only each attention module's ``core_attention`` is swapped for the cached one during a step.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Optional, Sequence
+
+import torch
+
+from nemo_ee.inference.kv_cache import CachedCoreAttention, KVCache
+from nemo_ee.inference.policies import ExitRule
+
+
+@dataclasses.dataclass
+class RowResult:
+    """Where a row's last new token left and the logits [vocab] it left with.
+
+    ``exit_index``: global exit index, or None for the final layer; ``depth``: backbone layers run.
+    ``final_logits``: [n, vocab] final-layer logits of positions ``final_from``.. (``all_final_from``).
+    """
+
+    exit_index: Optional[int]
+    depth: int
+    logits: torch.Tensor
+    final_logits: Optional[torch.Tensor] = None
+
+
+class EarlyExitEngine:
+    """Decoding state for ``batch_size`` rows of an :class:`EarlyExitGPTModel` (one pipeline stage, any TP)."""
+
+    def __init__(self, model: torch.nn.Module, batch_size: int, capacity: int) -> None:
+        if not (model.pre_process and model.post_process):
+            raise ValueError("the decoding engine needs the whole model on one pipeline stage (PP=1)")
+        ee = model.ee_config
+        if capacity > ee.max_positions:
+            raise ValueError(f"capacity {capacity} exceeds the model's {ee.max_positions} positions")
+        self.model, self.ee = model, ee
+        self.num_layers = ee.num_layers
+        self.batch_size, self.capacity = batch_size, capacity
+        self.attention = {("layer", j + 1): layer for j, layer in enumerate(model.decoder.layers)}
+        self.exits_at: dict[int, list[int]] = {}
+        for index in model.local_exit_indices:
+            head = model.exits[str(index)]
+            self.exits_at.setdefault(head.point, []).append(index)
+            if head.block is not None:
+                self.attention[("exit", index)] = head.block
+        attn = model.decoder.layers[0].self_attention
+        heads, groups = attn.num_attention_heads_per_partition, attn.num_query_groups_per_partition
+        head_dim = attn.hidden_size_per_attention_head
+        dtype = next(model.parameters()).dtype
+        self.cache = KVCache(self.attention, batch_size, capacity, groups, head_dim, dtype)
+        self.cores = {
+            slot: CachedCoreAttention(self.cache, slot, heads, groups, head_dim, model.config.softmax_scale)
+            for slot in self.attention
+        }
+        hidden = model.config.hidden_size
+        self.points = torch.zeros(self.num_layers + 1, capacity, batch_size, hidden, dtype=dtype)
+        self.produced = [[0] * batch_size for _ in range(self.num_layers + 1)]
+        self.rope = None
+        if ee.position_embedding_type == "rope":
+            self.rope = model.rotary_pos_emb(capacity)[:, 0, 0, :]  # [capacity, rot_dim]
+        self.shared_weight = model.shared_embedding_or_output_weight() if (
+            ee.share_embeddings_and_output_weights or ee.tie_exit_output) else None
+
+    # ------------------------------------------------------------------ bookkeeping
+    def length(self, row: int) -> int:
+        """Positions fed to ``row`` so far."""
+        return self.produced[0][row]
+
+    def truncate(self, row: int, length: int) -> None:
+        """Drop everything of ``row`` at or after position ``length`` (rejected drafts)."""
+        self.cache.truncate(row, length)
+        for produced in self.produced:
+            produced[row] = min(produced[row], length)
+
+    def reset(self, row: int) -> None:
+        """Free ``row`` for a new sequence."""
+        self.truncate(row, 0)
+
+    @contextlib.contextmanager
+    def _cached_attention(self):
+        swapped = []
+        try:
+            for slot, layer in self.attention.items():
+                swapped.append((layer.self_attention, layer.self_attention.core_attention))
+                layer.self_attention.core_attention = self.cores[slot]
+            yield
+        finally:
+            for attention, original in swapped:
+                attention.core_attention = original
+            self.model._captured = {}
+
+    # ------------------------------------------------------------------ one module over its missing positions
+    def _advance(self, slot, src: int, rows: list[int], out_point: Optional[int]) -> tuple[torch.Tensor, list[int]]:
+        """Run attention module ``slot`` on every position of ``rows`` at point ``src`` it has not cached.
+
+        Returns its outputs [n_max, R, h] and each row's query count; writes them to ``out_point``.
+        """
+        lengths = self.cache.length[slot]
+        starts = [lengths[r] for r in rows]
+        ends = [self.produced[src][r] for r in rows]
+        counts = [e - s for s, e in zip(starts, ends)]
+        n = max(counts)
+        steps = torch.arange(n).unsqueeze(1)
+        positions = torch.tensor(starts).unsqueeze(0) + steps           # [n, R]
+        valid = steps < torch.tensor(counts).unsqueeze(0)
+        rows_t = torch.tensor(rows)
+        columns = rows_t.unsqueeze(0).expand(n, len(rows))
+        clamped = positions.clamp(max=self.capacity - 1)
+        x = self.points[src][clamped, columns]                          # [n, R, h]
+        core = self.cores[slot]
+        core.rows, core.positions, core.valid = rows_t, positions, valid
+        kwargs = {"attention_mask": None}
+        if self.rope is not None:
+            kwargs["rotary_pos_emb"] = self.rope[clamped].unsqueeze(2)  # [n, R, 1, rot_dim]
+        out, _ = self.attention[slot](hidden_states=x, **kwargs)
+        for r, e in zip(rows, ends):
+            lengths[r] = e
+        if out_point is not None:
+            self.points[out_point][positions[valid], columns[valid]] = out[valid].to(self.points.dtype)
+            for r, e in zip(rows, ends):
+                self.produced[out_point][r] = e
+        return out, counts
+
+    def _last(self, point: int, rows: list[int]) -> torch.Tensor:
+        """Hidden states [R, h] at ``point`` of each row's last position."""
+        last = torch.tensor([self.produced[point][r] - 1 for r in rows])
+        return self.points[point][last, torch.tensor(rows)]
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(
+        self,
+        rows: Sequence[int],
+        tokens: Sequence[Sequence[int]],
+        rules: Sequence[ExitRule],
+        final_from: Optional[Sequence[Optional[int]]] = None,
+    ) -> dict[int, RowResult]:
+        """Feed ``tokens[i]`` to row ``rows[i]`` and decide where each row's last token leaves.
+
+        ``final_from[i]``: also return final-layer logits for positions from there on (that row is
+        then run to full depth whatever its rule; self-speculative verification).
+        """
+        rows = list(rows)
+        if len(set(rows)) != len(rows) or not rows:
+            raise ValueError(f"rows {rows} must be distinct and non-empty")
+        if any(not t for t in tokens):
+            raise ValueError("every row needs at least one new token")
+        final_from = list(final_from) if final_from is not None else [None] * len(rows)
+        rule_of = dict(zip(rows, rules))
+        full_of = dict(zip(rows, final_from))
+        self._embed(rows, tokens)
+        results: dict[int, RowResult] = {}
+        alive = list(rows)
+        with self._cached_attention():
+            for p in range(self.num_layers + 1):
+                if p > 0:
+                    self._advance(("layer", p), p - 1, alive, out_point=p)
+                for index in self.exits_at.get(p, []):
+                    alive = self._try_exit(index, p, alive, rule_of, full_of, results)
+                    if not alive:
+                        return results
+            self._final(alive, full_of, results)
+        return results
+
+    def _embed(self, rows: list[int], tokens: Sequence[Sequence[int]]) -> None:
+        counts = [len(t) for t in tokens]
+        n = max(counts)
+        starts = [self.produced[0][r] for r in rows]
+        if max(s + c for s, c in zip(starts, counts)) > self.capacity:
+            raise ValueError(f"a row would pass the cache capacity of {self.capacity} positions")
+        ids = torch.tensor([list(t) + [0] * (n - len(t)) for t in tokens])
+        positions = torch.tensor(starts).unsqueeze(1) + torch.arange(n).unsqueeze(0)   # [R, n]
+        emb = self.model.embedding(input_ids=ids, position_ids=positions.clamp(max=self.capacity - 1))
+        valid = torch.arange(n).unsqueeze(0) < torch.tensor(counts).unsqueeze(1)          # [R, n]
+        columns = torch.tensor(rows).unsqueeze(1).expand(len(rows), n)
+        self.points[0][positions[valid], columns[valid]] = emb.transpose(0, 1)[valid].to(self.points.dtype)
+        for r, s, c in zip(rows, starts, counts):
+            self.produced[0][r] = s + c
+
+    def _try_exit(self, index, point, alive, rule_of, full_of, results) -> list[int]:
+        candidates = [r for r in alive if full_of[r] is None and rule_of[r].uses(index)]
+        if not candidates:
+            return alive
+        head = self.model.exits[str(index)]
+        if head.block is not None:
+            out, counts = self._advance(("exit", index), point, candidates, out_point=None)
+            hidden = out[torch.tensor(counts) - 1, torch.arange(len(candidates))]
+        else:
+            hidden = self._last(point, candidates)
+        logits = self._project(head.output_layer, head.tail(hidden.unsqueeze(0)), head.tied)[0]
+        gone = set()
+        for j, r in enumerate(candidates):
+            if bool(rule_of[r].fires(logits[j])):
+                results[r] = RowResult(index, point, logits[j])
+                gone.add(r)
+        return [r for r in alive if r not in gone]
+
+    def _final(self, alive: list[int], full_of: dict, results: dict) -> None:
+        if not alive:
+            return
+        L = self.num_layers
+        norm = self.model.decoder.final_layernorm
+        logits = self._project(self.model.output_layer, norm(self._last(L, alive).unsqueeze(0)),
+                               self.ee.share_embeddings_and_output_weights)[0]
+        for j, r in enumerate(alive):
+            results[r] = RowResult(None, L, logits[j])
+            start = full_of[r]
+            if start is not None:
+                pos = torch.arange(start, self.produced[L][r])
+                h = self.points[L][pos, torch.full_like(pos, r)]
+                results[r].final_logits = self._project(
+                    self.model.output_layer, norm(h.unsqueeze(1)), self.ee.share_embeddings_and_output_weights
+                )[:, 0]
+
+    def _project(self, output_layer, hidden: torch.Tensor, tied: bool) -> torch.Tensor:
+        logits, _ = output_layer(hidden, weight=self.shared_weight if tied else None, runtime_gather_output=True)
+        return logits.float()
