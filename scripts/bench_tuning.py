@@ -8,7 +8,8 @@ Random weights, TP=PP=1. Default shape: 16 layers, hidden 512, vocab 8192, seq 5
 - Full fine-tuning step: whole model, final + exit losses, full backward, AdamW over every parameter.
 Steps alternate (EE, full, EE, full, ...); the first ``--warmup`` pairs are excluded; medians are reported.
 
-Memory (no CUDA here, and tracemalloc does not see torch's allocator) is an explicit byte count:
+Memory (no CUDA here, and tracemalloc does not see torch's allocator) is an explicit byte count
+(nemo_ee.tuning.memory):
   resident parameters (EE-Tuning: only embedding + layers up to the last exit + exits, i.e. a truncated
   backbone as built by ``build_truncated_model``; full: all) + gradients of trainable parameters
   + AdamW state (2 x trainable) + activations saved for backward (every tensor autograd saves, counted
@@ -45,36 +46,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-class SavedTensorCounter:
-    """Bytes of the tensors autograd saves for backward (by storage, parameters excluded)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        self.storages: dict[int, int] = {}
-
-    def pack(self, t: torch.Tensor):
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in self.param_ptrs and ptr not in self.storages:
-            self.storages[ptr] = storage.nbytes()
-        return t
-
-    @staticmethod
-    def unpack(t):
-        return t
-
-    @property
-    def nbytes(self) -> int:
-        return sum(self.storages.values())
-
-    def hooks(self):
-        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
-
-
-def nbytes(params) -> int:
-    return sum(p.numel() * p.element_size() for p in params)
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -84,6 +55,7 @@ def main(argv=None) -> None:
     from nemo_ee.models import build_model
     from nemo_ee.parallel.initialize import initialize_distributed
     from nemo_ee.tuning.ee_tune import exit_tuning_loss, freeze_backbone
+    from nemo_ee.tuning.memory import SavedTensorCounter, step_flops_per_token, step_memory
 
     L, h, V, s, b = args.layers, args.hidden, args.vocab, args.seq, args.batch
     exits = [int(x) for x in args.exits.split(",")] if args.exits else sorted({max(1, L // 4), max(1, L // 2)})
@@ -131,10 +103,8 @@ def main(argv=None) -> None:
     not_built = (f"decoder.layers.{i}." for i in range(deepest, L))
     skipped = tuple(not_built) + ("decoder.final_layernorm.", "output_layer.")
     ee_resident = [p for n, p in model.named_parameters() if not n.startswith(skipped)]
-    ee_mem = {"params": nbytes(ee_resident), "grads": nbytes(exit_params), "adam": 2 * nbytes(exit_params),
-              "saved_activations": ee_counter.nbytes}
-    full_mem = {"params": nbytes(all_params), "grads": nbytes(all_params), "adam": 2 * nbytes(all_params),
-                "saved_activations": full_counter.nbytes}
+    ee_mem = step_memory(ee_resident, exit_params, ee_counter.nbytes)
+    full_mem = step_memory(all_params, all_params, full_counter.nbytes)
 
     # ---- time (alternating)
     times = {"ee": [], "full": []}
@@ -147,10 +117,7 @@ def main(argv=None) -> None:
     t_ee, t_full = statistics.median(times["ee"]), statistics.median(times["full"])
 
     # ---- FLOPs prediction (per token)
-    layer = 24 * h * h + 4 * s * h
-    proj = 2 * h * V
-    ee_flops = deepest * layer + 3 * len(exits) * proj
-    full_flops = 3 * (L * layer + (1 + len(exits)) * proj)
+    ee_flops, full_flops = step_flops_per_token(L, h, s, V, exits, deepest)
 
     mb = lambda x: f"{x / 2**20:.1f} MiB"  # noqa: E731
     print(f"shape: layers={L} hidden={h} heads={args.heads} vocab={V} seq={s} batch={b} exits={exits} "
