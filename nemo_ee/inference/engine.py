@@ -205,7 +205,7 @@ class EarlyExitEngine:
         logits = self._project(head.output_layer, head.tail(hidden.unsqueeze(0)), head.tied)[0]
         gone = set()
         for j, r in enumerate(candidates):
-            if bool(rule_of[r].fires(logits[j])):
+            if bool(rule_of[r].fires(logits[j], index)):
                 results[r] = RowResult(index, point, logits[j])
                 gone.add(r)
         return [r for r in alive if r not in gone]

@@ -21,6 +21,8 @@ DECODE_MODES = ("early_exit", "self_speculative", "full")
 class GenerationParams:
     """One request's settings. ``threshold=None`` decodes with the full model.
 
+    ``exit_thresholds``: {exit layer number: threshold} overriding ``threshold`` there (calibration
+    writes these); with ``threshold=None`` only those exits are used.
     ``active_exits``: exit layer numbers the rule may use (None: all). Self-speculative decoding
     drafts ``num_draft`` tokens at exit layer ``draft_exit`` (None: the model's first exit).
     """
@@ -28,6 +30,7 @@ class GenerationParams:
     max_tokens: int = 32
     exit_policy: str = "max_prob"
     threshold: Optional[float] = None
+    exit_thresholds: Optional[dict] = None
     active_exits: Optional[tuple] = None
     decode_mode: str = "early_exit"
     draft_exit: Optional[int] = None
@@ -55,10 +58,15 @@ class GenerationParams:
 
     def rule(self, exit_layer_nums: Sequence[int]) -> ExitRule:
         """The exit rule of this request on a model with exits at ``exit_layer_nums``."""
-        if self.decode_mode == "full" or self.threshold is None:
+        if self.decode_mode == "full" or (self.threshold is None and not self.exit_thresholds):
             return ExitRule(self.exit_policy, None)
         active = check_active_exits(self.active_exits, exit_layer_nums)
-        return ExitRule(self.exit_policy, self.threshold, active)
+        per_exit = None
+        if self.exit_thresholds:
+            check_active_exits(list(self.exit_thresholds), exit_layer_nums)  # unknown layers are an error
+            index = {layer: i for i, layer in enumerate(exit_layer_nums)}
+            per_exit = tuple((index[int(layer)], t) for layer, t in self.exit_thresholds.items())
+        return ExitRule(self.exit_policy, self.threshold, active, per_exit=per_exit)
 
 
 @dataclasses.dataclass

@@ -51,12 +51,14 @@ class ExitRule:
 
     ``forced``: always leave at this exit (the draft model of self-speculative decoding).
     ``threshold=None``: never exit early (full-model decoding).
+    ``per_exit``: {exit index: threshold} overriding ``threshold`` at those exits (calibrated thresholds).
     """
 
     policy: str = "max_prob"
     threshold: Optional[float] = None
     active: Optional[frozenset] = None
     forced: Optional[int] = None
+    per_exit: Optional[tuple] = None
 
     def __post_init__(self) -> None:
         if self.threshold is not None:
@@ -65,6 +67,18 @@ class ExitRule:
             raise ValueError(f"exit_policy {self.policy!r} is not one of {list(POLICIES)}")
         if self.active is not None:
             object.__setattr__(self, "active", frozenset(int(i) for i in self.active))
+        if self.per_exit is not None:
+            items = dict(self.per_exit).items()
+            object.__setattr__(self, "per_exit", tuple(sorted(
+                (int(i), check_threshold(self.policy, t)) for i, t in items)))
+
+    def threshold_at(self, exit_index: int) -> Optional[float]:
+        """The threshold in force at exit ``exit_index`` (None: this rule never exits)."""
+        if self.per_exit is not None:
+            for index, value in self.per_exit:
+                if index == exit_index:
+                    return value
+        return self.threshold
 
     @classmethod
     def full(cls) -> "ExitRule":
@@ -74,18 +88,19 @@ class ExitRule:
         """Whether this rule evaluates exit ``exit_index`` at all."""
         if self.forced is not None:
             return exit_index == self.forced
-        if self.threshold is None:
+        if self.threshold_at(exit_index) is None:
             return False
         return self.active is None or exit_index in self.active
 
-    def fires(self, logits: torch.Tensor) -> torch.Tensor:
-        """Bool per row of ``logits`` [..., vocab]: does the token leave here?"""
+    def fires(self, logits: torch.Tensor, exit_index: Optional[int] = None) -> torch.Tensor:
+        """Bool per row of ``logits`` [..., vocab]: does the token leave at exit ``exit_index``?"""
         if self.forced is not None:
             return torch.ones(logits.shape[:-1], dtype=torch.bool)
-        if self.threshold is None:
+        threshold = self.threshold if exit_index is None else self.threshold_at(exit_index)
+        if threshold is None:
             return torch.zeros(logits.shape[:-1], dtype=torch.bool)
         stat = confidence(self.policy, logits)
-        return stat <= self.threshold if self.policy == "entropy" else stat >= self.threshold
+        return stat <= threshold if self.policy == "entropy" else stat >= threshold
 
 
 def check_active_exits(active: Optional[Sequence[int]], exit_layer_nums: Sequence[int]) -> Optional[frozenset]:

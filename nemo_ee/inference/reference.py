@@ -30,7 +30,7 @@ def reference_generate(model: torch.nn.Module, prompt: Sequence[int], params: Ge
         result = model(ids, torch.arange(len(seq)).unsqueeze(0), None)
         logits, depth = result.output[0, -1], ee.num_layers
         for index in order:
-            if rule.uses(index) and bool(rule.fires(result.exits[index][0, -1])):
+            if rule.uses(index) and bool(rule.fires(result.exits[index][0, -1], index)):
                 logits, depth = result.exits[index][0, -1], model.exits[str(index)].point
                 break
         token = sample(logits.float(), sampling, generator)

@@ -101,3 +101,17 @@ def test_stop_tokens_and_limits(rope_model, prompts):
         generate(rope_model, [[]], GenerationParams())
     with pytest.raises(ValueError, match=r"token ids \[64\] are outside the vocabulary 0..63"):
         generate(rope_model, [[1, 64]], GenerationParams())
+
+
+def test_per_exit_thresholds(rope_model, prompts):
+    params = GenerationParams(max_tokens=12, exit_thresholds={1: 0.6, 3: 0.15})
+    depths = set()
+    for prompt, out in zip(prompts, generate(rope_model, prompts, params)):
+        ref = reference_generate(rope_model, prompt, params)
+        assert (out.token_ids, out.exit_layers) == (ref.token_ids, ref.exit_layers)
+        depths.update(out.exit_layers)
+    assert 2 not in depths and 3 in depths, depths  # exit 2 has no threshold: never used
+    with pytest.raises(ValueError, match=r"active exit layers \[7\] are not exits of this model"):
+        GenerationParams(exit_thresholds={7: 0.5}).rule([1, 2, 3])
+    with pytest.raises(ValueError, match="early_exit_threshold -1 is outside the range of 'max_prob'"):
+        GenerationParams(exit_thresholds={1: -1}).rule([1, 2, 3])
