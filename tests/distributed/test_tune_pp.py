@@ -166,23 +166,29 @@ def test_tuning_pp_must_divide_the_depth_up_to_the_last_exit():
 
 # ------------------------------------------------------------------------------------------ the script
 @pytest.mark.slow
-def test_ee_tune_script_pp2_matches_pp1(tmp_path):
+def test_ee_tune_script_pp2_matches_pp1(tmp_path, single_process):
     """torchrun scripts/ee_tune.py pipeline_model_parallel_size=2 on a .nemo = the PP=1 run; backbone bit-identical."""
+    from omegaconf import OmegaConf
+
     from nemo_ee.data import CorpusSpec, train_tokenizer
     from nemo_ee.tuning import add_exits
+    from nemo_ee.tuning.ee_tune import tune_nemo
     from tests.tuning.test_add_exits import saved
 
     tok = str(train_tokenizer(CorpusSpec(max_files=5), 300, tmp_path / "tok"))
     _, src_model = saved(tmp_path, tok)
     src = tmp_path / "ee.nemo"
     add_exits(src_model, [1, 2], exit_loss_weights=[0.5, 1.0], init="random", exit_mlp=True).save_to(str(src))
-    outs = {}
-    for pp in (1, 2):
-        outs[pp] = tmp_path / f"tuned_pp{pp}.nemo"
-        args = [f"restore_from={src}", f"output={outs[pp]}", "max_steps=4", "micro_batch_size=2", "data.max_files=5",
-                "optim.lr=1e-2", f"pipeline_model_parallel_size={pp}", f"hydra.run.dir={tmp_path / f'h{pp}'}"]
-        run = launch(REPO / "scripts" / "ee_tune.py", *args, nproc=pp, cwd=tmp_path)
-        assert "step 4/4: exit_l1=" in run.stdout, run.stdout[-2000:]
+    outs = {pp: tmp_path / f"tuned_pp{pp}.nemo" for pp in (1, 2)}
+    common = ["max_steps=4", "micro_batch_size=2", "data.max_files=5", "optim.lr=1e-2"]
+    # PP=1: tune_nemo in this process (the TP=PP=1 EETuner on the restored NeMo model)
+    cfg = OmegaConf.load(REPO / "conf" / "ee_tuning.yaml")
+    cfg.merge_with_dotlist([f"restore_from={src}", f"output={outs[1]}", *common])
+    tune_nemo(cfg)
+    # PP=2: the script under torchrun, one process per stage
+    run = launch(REPO / "scripts" / "ee_tune.py", f"restore_from={src}", f"output={outs[2]}", *common,
+                 "pipeline_model_parallel_size=2", f"hydra.run.dir={tmp_path / 'h'}", nproc=2, cwd=tmp_path)
+    assert "step 4/4: exit_l1=" in run.stdout, run.stdout[-2000:]
     source, pp1, pp2 = nemo_weights(src), nemo_weights(outs[1]), nemo_weights(outs[2])
     assert source.keys() == pp1.keys() == pp2.keys()
     for key in source:

@@ -252,3 +252,22 @@ def test_tied_exits_and_exit_at_the_stage_input(single_process):
     assert set(tuner.step(tokens, labels)) == {0}
     assert ran == []  # no layer, no output layer
     assert all(torch.equal(v, before[k]) for k, v in backbone_state(model).items())
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"pipeline_model_parallel_size": 2}, r"the world size is 1 but pipeline_model_parallel_size=2 \(launch with "
+                                          r"torchrun --nproc_per_node 2\)"),
+    ({"pipeline_model_parallel_size": 3}, r"pipeline_model_parallel_size=3 must divide the 2 layers up to the last "
+                                          r"exit \(layer 2\); allowed: \[1, 2\]"),
+    ({"pipeline_model_parallel_size": 0}, r"pipeline_model_parallel_size=0 must be an integer >= 1"),
+    ({"pipeline_model_parallel_size": 2, "optimizer": "megatron"}, r"optimizer='megatron': with "
+                                                                     r"pipeline_model_parallel_size > 1 only 'torch'"),
+    ({"num_microbatches": 2}, r"num_microbatches=2 needs pipeline_model_parallel_size > 1"),
+])
+def test_tune_nemo_rejects_bad_pipeline_settings(single_process, exits_nemo, tmp_path, kw, match):
+    from nemo_ee.tuning.ee_tune import tune_nemo
+
+    out = tmp_path / "tuned.nemo"
+    with pytest.raises(ValueError, match=match):
+        tune_nemo(_cfg(exits_nemo, out, **kw))
+    assert not out.exists()
