@@ -40,51 +40,51 @@ class EarlyExitConfig:
     """Everything that defines an early-exit GPT: backbone, parallel layout, exits and exit losses."""
 
     # ---- backbone -------------------------------------------------------------------------
-    num_layers: int = 8
-    hidden_size: int = 256
-    num_attention_heads: int = 8
+    num_layers: int = 8  # transformer layers L
+    hidden_size: int = 256  # model width
+    num_attention_heads: int = 8  # query heads
     num_query_groups: Optional[int] = None  # None = multi-head attention (no GQA)
     ffn_hidden_size: Optional[int] = None  # None = 4 * hidden_size
-    vocab_size: int = 8192
-    seq_length: int = 256
+    vocab_size: int = 8192  # padded vocabulary (>= the tokenizer's)
+    seq_length: int = 256  # training window; also the decoding context
     max_position_embeddings: Optional[int] = None  # None = seq_length
-    normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
-    activation: Literal["gelu", "swiglu"] = "gelu"
+    normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"  # norm of every layer, the final norm and exit norms
+    activation: Literal["gelu", "swiglu"] = "gelu"  # MLP activation (swiglu = gated, llama-style)
     gelu_approximate: Literal["none", "tanh"] = "none"  # F.gelu(approximate=...); "tanh" = HF gelu_new (GPT-2)
-    add_bias_linear: bool = True
-    add_qkv_bias: bool = False
-    position_embedding_type: Literal["learned_absolute", "rope"] = "learned_absolute"
-    rotary_base: int = 10000
+    add_bias_linear: bool = True  # biases in every linear layer
+    add_qkv_bias: bool = False  # bias on q/k/v only (Qwen2)
+    position_embedding_type: Literal["learned_absolute", "rope"] = "learned_absolute"  # GPT-2 positions or rotary
+    rotary_base: int = 10000  # RoPE theta
     rope_scaling: bool = False  # llama 3.x RoPE frequency scaling (megatron's; low/high freq 1/4, 8192 positions)
-    rope_scaling_factor: float = 8.0
-    share_embeddings_and_output_weights: bool = True
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
-    init_method_std: float = 0.02
-    layernorm_epsilon: float = 1e-5
-    params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    rope_scaling_factor: float = 8.0  # llama 3.x scaling factor (with rope_scaling)
+    share_embeddings_and_output_weights: bool = True  # tie the output layer to the word embedding
+    hidden_dropout: float = 0.0  # dropout after attention / MLP (training only)
+    attention_dropout: float = 0.0  # dropout on attention probabilities (training only)
+    init_method_std: float = 0.02  # std of the normal weight init (output layers scaled by megatron)
+    layernorm_epsilon: float = 1e-5  # norm epsilon
+    params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # parameter dtype
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"  # auto = transformer-engine when importable, else megatron's local spec
 
     # ---- parallel layout ------------------------------------------------------------------
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    sequence_parallel: bool = False
+    tensor_model_parallel_size: int = 1  # TP: heads and MLP split across ranks
+    pipeline_model_parallel_size: int = 1  # PP: layers split into stages (exits live on their layer's stage)
+    sequence_parallel: bool = False  # megatron sequence parallelism (needs transformer-engine)
 
     # ---- exits ----------------------------------------------------------------------------
     exit_layer_nums: list[int] = field(default_factory=list)  # 1-based backbone layer numbers
     exit_position: Literal["post", "pre"] = "post"  # read the layer's output (post) or input (pre)
     exit_norm: bool = True  # exit head = [block] -> [mlp] -> [norm] -> output projection
-    exit_mlp: bool = False
-    exit_block: bool = False
+    exit_mlp: bool = False  # a residual MLP h + MLP(norm(h)) in each exit head
+    exit_block: bool = False  # a full transformer layer first in each exit head (own KV cache when decoding)
     tie_exit_output: bool = False  # exit output weight = the word embedding (shared)
 
     # ---- exit losses, per exit (a scalar applies to every exit) ---------------------------
     exit_loss_weights: PerExit = 1.0  # target weight w_i
     exit_loss_init_weights: PerExit = None  # None = start at the target (no schedule)
-    exit_loss_warmup_iters: PerExit = 0
-    exit_loss_warmup_style: Union[str, Sequence[str]] = "linear"
+    exit_loss_warmup_iters: PerExit = 0  # iterations from the initial to the target weight
+    exit_loss_warmup_style: Union[str, Sequence[str]] = "linear"  # linear | cosine
     exit_logit_temperature: PerExit = 1.0  # training only
-    exit_dynamic_token_weight: Union[bool, Sequence[bool]] = False
+    exit_dynamic_token_weight: Union[bool, Sequence[bool]] = False  # each token's exit CE times the exit's max prob (no gradient)
 
     def __post_init__(self) -> None:
         self._validate_backbone()

@@ -27,19 +27,19 @@ class GenerationParams:
     drafts ``num_draft`` tokens at exit layer ``draft_exit`` (None: the model's first exit).
     """
 
-    max_tokens: int = 32
-    exit_policy: str = "max_prob"
-    threshold: Optional[float] = None
-    exit_thresholds: Optional[dict] = None
-    active_exits: Optional[tuple] = None
-    decode_mode: str = "early_exit"
-    draft_exit: Optional[int] = None
-    num_draft: int = 4
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-    stop_token_ids: tuple = ()
+    max_tokens: int = 32  # new tokens at most (the context may end a request sooner)
+    exit_policy: str = "max_prob"  # max_prob | entropy | top2_margin
+    threshold: Optional[float] = None  # None: never exit early; max_prob > 1 never fires either
+    exit_thresholds: Optional[dict] = None  # {exit layer: threshold}, e.g. from calibration
+    active_exits: Optional[tuple] = None  # exit layers the rule may use (None: all)
+    decode_mode: str = "early_exit"  # early_exit | self_speculative | full
+    draft_exit: Optional[int] = None  # self-speculative draft exit layer (None: the shallowest)
+    num_draft: int = 4  # drafted tokens per verification
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int = 0  # the request's sampling generator seed
+    stop_token_ids: tuple = ()  # generation ends after any of these
 
     def __post_init__(self) -> None:
         if int(self.max_tokens) != self.max_tokens or self.max_tokens < 1:

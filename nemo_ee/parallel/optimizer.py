@@ -19,16 +19,16 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 class OptimSettings:
     """The ``optim`` section of a recipe."""
 
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 0
+    lr: float = 1e-3  # peak learning rate (Adam)
+    min_lr: float = 1e-4  # learning rate at the end of the decay
+    warmup_steps: int = 0  # linear warm-up steps
     decay_steps: Optional[int] = None  # None = the trainer's max_steps
-    decay_style: str = "cosine"
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
+    decay_style: str = "cosine"  # constant | linear | cosine | inverse-square-root
+    weight_decay: float = 0.01  # decoupled weight decay
+    adam_beta1: float = 0.9  # Adam beta1
+    adam_beta2: float = 0.95  # Adam beta2
+    adam_eps: float = 1e-8  # Adam epsilon
+    clip_grad: float = 1.0  # global gradient-norm clip (0 disables)
 
     def __post_init__(self) -> None:
         if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
