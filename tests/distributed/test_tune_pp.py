@@ -33,7 +33,13 @@ CASES = {
     "empty_stage": dict(BASE, exit_layer_nums=[4], exit_mlp=True),
     # tied exits: the second stage's exit uses its copy of the word embedding (megatron's embedding group)
     "tied": dict(BASE, exit_layer_nums=[2, 4], tie_exit_output=True),
+    # an imported-Llama shape: swiglu (megatron's fc1 sharded-tensor factory), RMSNorm, rope, GQA, untied output;
+    # exit blocks (a transformer layer in each exit head)
+    "llama_like": dict(BASE, exit_layer_nums=[2, 4], activation="swiglu", normalization="RMSNorm",
+                       position_embedding_type="rope", add_bias_linear=False, num_query_groups=2,
+                       share_embeddings_and_output_weights=False, exit_block=True),
 }
+PP2 = ("two_stages", "empty_stage", "tied", "llama_like")
 MAX_DIFF = 1e-5
 
 
@@ -64,9 +70,8 @@ def runs(tmp_path_factory):
     two = [dict(kind="init", cfg=cfg, pp=2, seed=i + 1, ckpt=str(d / f"ck_{name}")) for i, (name, cfg) in
            enumerate(CASES.items())]
     two += [dict(kind="tune", cfg=CASES[n], pp=2, microbatches=2, ckpt=str(d / f"ck_{n}"), out=str(d / f"pp2_{n}"))
-            for n in ("two_stages", "empty_stage", "tied")]
-    one = [dict(kind="ref", cfg=CASES[n], ckpt=str(d / f"ck_{n}"), out=str(d / f"ref_{n}"))
-           for n in ("two_stages", "empty_stage", "tied")]
+            for n in PP2]
+    one = [dict(kind="ref", cfg=CASES[n], ckpt=str(d / f"ck_{n}"), out=str(d / f"ref_{n}")) for n in PP2]
     one += [dict(kind="tune", cfg=CASES[n], pp=1, microbatches=1, ckpt=str(d / f"ck_{n}"), out=str(d / f"pp1_{n}"))
             for n in ("two_stages", "half_depth")]
     (d / "two.json").write_text(json.dumps(two))
@@ -100,7 +105,7 @@ def _max_diff(a, b):
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-@pytest.mark.parametrize("case", ["two_stages", "empty_stage", "tied"])
+@pytest.mark.parametrize("case", PP2)
 def test_pp2_tuning_matches_pp1(runs, case):
     """5 steps, same data, AdamW: PP=2 (2 micro-batches) and the TP=PP=1 EETuner give the same exits."""
     ref, pp2 = _exits(runs, f"ref_{case}"), _exits(runs, f"pp2_{case}")

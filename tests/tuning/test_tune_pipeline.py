@@ -22,13 +22,19 @@ def batch(step):
             "position_ids": torch.arange(S).expand(B, S).contiguous()}
 
 
-@pytest.fixture
-def full_and_ckpt(single_process, tmp_path):
+LLAMA_LIKE = dict(activation="swiglu", normalization="RMSNorm", position_embedding_type="rope", add_bias_linear=False,
+                  num_query_groups=2, share_embeddings_and_output_weights=False, exit_block=True)
+
+
+@pytest.fixture(params=["gpt", "llama_like"])
+def full_and_ckpt(single_process, tmp_path, request):
+    """A full model saved as a dist checkpoint; llama_like: swiglu (megatron's fc1 sharded-tensor factory), RMSNorm,
+    rope, GQA, untied output, exit blocks."""
     from nemo_ee.checkpoint.dist import save_model
     from nemo_ee.models import build_model
 
     torch.manual_seed(5)
-    model = build_model(cfg())
+    model = build_model(cfg(**(LLAMA_LIKE if request.param == "llama_like" else {})))
     save_model(model, tmp_path / "ckpt")
     return model, tmp_path / "ckpt"
 
