@@ -101,15 +101,32 @@ def job_tune(job):
         filesystem.FileSystem.create_stream = original
     backbone = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("exits.") and torch.is_tensor(v)}
     tuner = PipelineEETuner(model, lr=LR, clip_grad=1.0)
+    # every message megatron's schedule exchanges goes through P2PCommunicator._communicate: count them by direction
+    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
+    messages = {"send_next": 0, "recv_prev": 0, "send_prev": 0, "recv_next": 0}
+    communicate = P2PCommunicator._communicate
+
+    def counting(self, **kw):
+        messages["send_next"] += kw["tensor_send_next"] is not None
+        messages["send_prev"] += kw["tensor_send_prev"] is not None
+        messages["recv_prev"] += bool(kw["recv_prev"])
+        messages["recv_next"] += bool(kw["recv_next"])
+        return communicate(self, **kw)
+
+    P2PCommunicator._communicate = counting
     losses = []
-    for step in range(STEPS):
-        batch = _batch(full, step)
-        losses.append(tuner.step(split_microbatches(batch, GLOBAL_BATCH // job["microbatches"])))
+    try:
+        for step in range(STEPS):
+            batch = _batch(full, step)
+            losses.append(tuner.step(split_microbatches(batch, GLOBAL_BATCH // job["microbatches"])))
+    finally:
+        P2PCommunicator._communicate = communicate
     after = {k: v for k, v in model.state_dict().items() if not k.startswith("exits.") and torch.is_tensor(v)}
     unchanged = after.keys() == backbone.keys() and all(torch.equal(after[k], backbone[k]) for k in backbone)
     no_grad = all(not p.requires_grad and p.grad is None
                   for n, p in model.named_parameters() if not n.startswith("exits."))
-    rank_info = {"names": names, "opened": sorted(set(opened)), "has_trainable": tuner.has_trainable,
+    rank_info = {"messages": messages, "names": names, "opened": sorted(set(opened)), "has_trainable": tuner.has_trainable,
                  "backbone_unchanged": unchanged, "backbone_no_grad": no_grad, "layers": len(model.decoder.layers),
                  "exits": model.local_exit_indices, "has_output_layer": getattr(model, "output_layer", None) is not None,
                  "has_final_norm": getattr(model.decoder, "final_layernorm", None) is not None}

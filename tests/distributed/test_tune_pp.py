@@ -127,6 +127,10 @@ def test_exit_losses_fall_and_backbone_is_untouched(runs):
         assert last[k] < 0.97 * first[k], (first, last)
     ranks = report["ranks"]
     assert [r["exits"] for r in ranks] == [[0], [1]] and [r["layers"] for r in ranks] == [2, 2]
+    # forward-only pipeline: stage 0 sends one hidden state per micro-batch (5 steps x 2), stage 1 receives them;
+    # no message goes backwards (no gradient crosses a stage)
+    assert [r["messages"] for r in ranks] == [{"send_next": 10, "recv_prev": 0, "send_prev": 0, "recv_next": 0},
+                                              {"send_next": 0, "recv_prev": 10, "send_prev": 0, "recv_next": 0}]
     for r in ranks:
         assert r["backbone_unchanged"] and r["backbone_no_grad"] and r["has_trainable"]
         assert not r["has_output_layer"] and not r["has_final_norm"]  # layers after the last exit: not built
