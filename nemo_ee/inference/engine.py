@@ -42,8 +42,11 @@ class RowResult:
 class EarlyExitEngine:
     """Decoding state for ``batch_size`` rows of an :class:`EarlyExitGPTModel` (one pipeline stage, any TP)."""
 
+    # :class:`nemo_ee.inference.pipelined.StageDecoder` reuses the machinery on one stage of a pipeline.
+    whole_model_only = True
+
     def __init__(self, model: torch.nn.Module, batch_size: int, capacity: int) -> None:
-        if not (model.pre_process and model.post_process):
+        if self.whole_model_only and not (model.pre_process and model.post_process):
             raise ValueError("the decoding engine needs the whole model on one pipeline stage (PP=1)")
         ee = model.ee_config
         if capacity > ee.max_positions:
@@ -51,7 +54,8 @@ class EarlyExitEngine:
         self.model, self.ee = model, ee
         self.num_layers = ee.num_layers
         self.batch_size, self.capacity = batch_size, capacity
-        self.attention = {("layer", j + 1): layer for j, layer in enumerate(model.decoder.layers)}
+        offset = model.layer_offset  # slots and points carry global layer numbers
+        self.attention = {("layer", offset + j + 1): layer for j, layer in enumerate(model.decoder.layers)}
         self.exits_at: dict[int, list[int]] = {}
         for index in model.local_exit_indices:
             head = model.exits[str(index)]
@@ -68,7 +72,9 @@ class EarlyExitEngine:
             for slot in self.attention
         }
         hidden = model.config.hidden_size
-        self.points = torch.zeros(self.num_layers + 1, capacity, batch_size, hidden, dtype=dtype)
+        self.dtype = dtype
+        self.points = {p: torch.zeros(capacity, batch_size, hidden, dtype=dtype)
+                       for p in range(offset, offset + len(model.decoder.layers) + 1)}
         self.produced = [[0] * batch_size for _ in range(self.num_layers + 1)]
         self.rope = None
         if ee.position_embedding_type == "rope":
@@ -131,7 +137,7 @@ class EarlyExitEngine:
         for r, e in zip(rows, ends):
             lengths[r] = e
         if out_point is not None:
-            self.points[out_point][positions[valid], columns[valid]] = out[valid].to(self.points.dtype)
+            self.points[out_point][positions[valid], columns[valid]] = out[valid].to(self.dtype)
             for r, e in zip(rows, ends):
                 self.produced[out_point][r] = e
         return out, counts
@@ -188,7 +194,7 @@ class EarlyExitEngine:
         emb = self.model.embedding(input_ids=ids, position_ids=positions.clamp(max=self.capacity - 1))
         valid = torch.arange(n).unsqueeze(0) < torch.tensor(counts).unsqueeze(1)          # [R, n]
         columns = torch.tensor(rows).unsqueeze(1).expand(len(rows), n)
-        self.points[0][positions[valid], columns[valid]] = emb.transpose(0, 1)[valid].to(self.points.dtype)
+        self.points[0][positions[valid], columns[valid]] = emb.transpose(0, 1)[valid].to(self.dtype)
         for r, s, c in zip(rows, starts, counts):
             self.produced[0][r] = s + c
 
