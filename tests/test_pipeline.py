@@ -46,6 +46,8 @@ def actions(plan):
         (["+stages.evaluate.val_batchez=3"], r"stages.evaluate: unknown key\(s\) \['val_batchez'\]"),
         (["stages.evaluate.val_batches=0"], r"stages.evaluate.val_batches=0 must be an integer >= 1"),
         (["stages.ee_tune.restore_from=x.nemo"], r"stages.ee_tune.restore_from is set by the pipeline"),
+        (["stages.ee_tune.pipeline_model_parallel_size=2"], r"stages.ee_tune.pipeline_model_parallel_size=2: the "
+                                                             r"pipeline tunes in one process"),
         (["stages.pretrain_ee.skip=yes"], r"stages.pretrain_ee.skip='yes' must be true or false"),
         (["pretrain.model.arch.exit_layer_nums=[1,9]"], r"pretrain recipe for pretrain_ee: exit layer 9 is outside 1..4"),
         (["pretrain.trainer.max_steps=0"], r"pretrain.trainer.max_steps=0 must be an integer >= 1"),

@@ -89,6 +89,11 @@ def check_ee_tune(cfg: DictConfig, given: dict) -> None:
         value = stage.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"stages.ee_tune.{key}={value!r} must be an integer >= 1")
+    pp = stage.get("pipeline_model_parallel_size", 1)
+    if pp != 1:
+        raise ValueError(f"stages.ee_tune.pipeline_model_parallel_size={pp!r}: the pipeline tunes in one process "
+                         f"(1); for PP > 1 run scripts/ee_tune.py under torchrun and give its model as "
+                         f"stages.ee_tune.nemo")
     if stage.get("optimizer", "torch") not in ("torch", "megatron"):
         raise ValueError(f"stages.ee_tune.optimizer={stage.get('optimizer')!r} is not one of ['torch', 'megatron']")
 
@@ -104,10 +109,11 @@ def run_ee_tune(ctx: StageContext) -> StageResult:
     layers = ctx.inputs["add_exits"].get("exit_layers")
     first, last = result.get("first") or {}, result.get("last") or {}
     rows = [[f"exit at layer {layers[i]}" if layers else f"exit {i}", first.get(i), last.get(i)] for i in sorted(last)]
-    body = (f"{result['steps']} steps, micro-batch {settings['micro_batch_size']}, lr {settings['optim']['lr']}, "
+    steps = int(result.get("steps", settings["max_steps"]))
+    body = (f"{steps} steps, micro-batch {settings['micro_batch_size']}, lr {settings['optim']['lr']}, "
             f"backbone frozen. Training loss (one micro-batch) at the first and last step:\n\n"
             + markdown_table(["exit", "first step", "last step"], rows) + f"\n\nModel: `{out}`.")
-    return StageResult({"nemo": str(out), "steps": int(result["steps"]),
+    return StageResult({"nemo": str(out), "steps": steps,
                         "first": {str(k): v for k, v in first.items()}, "last": {str(k): v for k, v in last.items()}},
                        [Section("EE-Tuning", body)])
 
