@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from nemo_ee.inference.generate import GenerationParams, check_prompt, context_limit, generate
+from nemo_ee.inference.generate import GenerationParams, check_prompt, generate
 from nemo_ee.inference.policies import POLICIES, confidence
 
 
@@ -185,7 +185,7 @@ def positional_agreement(tokens: Sequence[Sequence[int]], reference: Sequence[Se
 def verify(model: torch.nn.Module, prompts: Sequence[Sequence[int]], reference: Sequence[Sequence[int]],
            policy: str, thresholds: dict, max_tokens: int, batch_size: int = 8, progress: bool = True) -> dict:
     """Early-exit greedy decoding at ``thresholds`` ({layer: thr}): agreement with ``reference`` and exit depths."""
-    if not thresholds:
+    if not thresholds:  # every exit disabled: decoding is full decoding, identical to the reference
         n = sum(len(r) for r in reference)
         return {"agreement": 1.0, "mean_exit_depth": float(model.ee_config.num_layers), "tokens": n}
     params = GenerationParams(max_tokens=int(max_tokens), exit_policy=policy, exit_thresholds=dict(thresholds))

@@ -1,6 +1,5 @@
 """scripts/generate.py: printed text = tokenizer.decode(generate(...)), exit markup, STATS line, clear errors."""
 import io
-import json
 import os
 import subprocess
 import sys
