@@ -73,6 +73,12 @@ def test_printed_text_is_the_decoded_generation(nemo_path, texts):
     assert stats["exit_share"] == pytest.approx({d: depths.count(d) / 36 for d in set(depths)}, abs=1e-3)
     assert stats["tokens_per_s"] == pytest.approx(36 / stats["seconds"], rel=0.02)
 
+    sampled = dict(temperature=0.8, top_k=10, top_p=0.9, seed=3)
+    _, result = run(nemo=str(nemo_path), prompts=texts, max_tokens=12, threshold=0.1, stop_at_eos=False, **sampled)
+    expected = generate(nemo.model, ids, GenerationParams(max_tokens=12, threshold=0.1, **sampled))
+    assert [g.token_ids for g in result["generations"]] == [g.token_ids for g in expected]
+    assert result["params"].sampling.top_k == 10
+
     printed_full, _ = run(nemo=str(nemo_path), prompts=texts, max_tokens=12, decode_mode="full", stop_at_eos=False)
     assert parse_stats(blocks(printed_full)[1])["exit_share"] == {4: 1.0}
 
