@@ -137,8 +137,15 @@ class _Link:
         self.pending = []
 
 
-def _check(stage_model: torch.nn.Module, prompt: Sequence[int], params: GenerationParams) -> None:
+def _check(stage_model: torch.nn.Module, link: _Link, prompt: Sequence[int], params: GenerationParams) -> None:
     check_prompt(prompt, stage_model)
+    first, last = link.stage == 0, link.stage == link.stages - 1
+    if (bool(stage_model.pre_process), bool(stage_model.post_process)) != (first, last):
+        raise ValueError(
+            f"rank {dist.get_rank()} is pipeline stage {link.stage} of {link.stages} but its model was built with "
+            f"pre_process={stage_model.pre_process}, post_process={stage_model.post_process}: build it with "
+            "nemo_ee.models.build_model after initialize_distributed(tp, pp)"
+        )
     if params.decode_mode == "self_speculative":
         raise ValueError("decode_mode 'self_speculative' cannot run pipelined; use 'early_exit' or 'full'")
     if getattr(stage_model.config, "virtual_pipeline_model_parallel_size", None):
@@ -154,12 +161,12 @@ def generate_pipelined(stage_model: torch.nn.Module, prompt_ids: Sequence[int], 
     """
     from nemo_ee.inference.scheduler import _Request  # the batcher's request bookkeeping: same budget and stops
 
-    prompt = [int(t) for t in prompt_ids]
-    _check(stage_model, prompt, params)
+    prompt, link = [int(t) for t in prompt_ids], _Link()
+    _check(stage_model, link, prompt, params)
     stage_model.eval()
     request = _Request(0, prompt, params, stage_model)
     capacity = min(context_limit(stage_model), len(prompt) + int(params.max_tokens))
-    decoder, link = StageDecoder(stage_model, capacity), _Link()
+    decoder = StageDecoder(stage_model, capacity)
     try:
         if link.stage == 0:
             _lead(decoder, link, request)

@@ -2,8 +2,8 @@
 
     python -m torch.distributed.run --nproc_per_node 2 _pipelined_decode_worker.py OUT_DIR
 
-For each model of MODELS: every rank trains the same small early-exit model (fixed seed, TP=PP=1,
-DP=2, no gradient exchange) and it is saved as a distributed checkpoint; rank 0 decodes every case
+For each model of MODELS: rank 0 trains a small early-exit model (fixed seed, TP=PP=1) and it is
+saved as a distributed checkpoint; rank 0 decodes every case
 with :func:`nemo_ee.inference.generate.generate` (KV recomputation) while rank 1 waits (timed);
 then the layout becomes PP=2, each rank builds its stage, loads the checkpoint (resharded on load)
 and decodes every case with :func:`generate_pipelined` (timed). Rank 0 writes ``OUT_DIR/result.json``:
@@ -63,13 +63,18 @@ def cases(extra_stop_token: int = None) -> list:
 
 
 def train_and_save(overrides: dict, ckpt: Path):
-    """The same trained PP=1 model on every rank (of a TP=PP=1 layout), saved to ``ckpt``; returns it."""
+    """Rank 0 trains the PP=1 model and saves it to ``ckpt``; returns this rank's model.
+
+    The layout is TP=PP=1, DP=2: the checkpoint takes each tensor from its DP-rank-0 replica only, so
+    rank 1 just builds the same architecture (untrained) to take part in the collective save. A
+    checkpoint holding rank 1's weights would make every decoding comparison fail.
+    """
     import tests.inference.conftest as models
     from nemo_ee.checkpoint.dist import save_model
     from nemo_ee.parallel.initialize import initialize_distributed
 
     initialize_distributed(1, 1)
-    models.STEPS = TRAIN_STEPS
+    models.STEPS = TRAIN_STEPS if rank() == 0 else 0
     model = models.train_model(**overrides)
     save_model(model, ckpt)
     return model
@@ -109,6 +114,30 @@ def stage_model(ee_config, ckpt: Path, tp: int = 1, pp: int = 1):
     return model
 
 
+def refusals(stage, ee_config, prompt) -> dict:
+    """The errors generate_pipelined raises, identically on every rank, before any message is sent."""
+    from nemo_ee.config import EarlyExitConfig
+    from nemo_ee.inference.generate import GenerationParams
+    from nemo_ee.inference.pipelined import generate_pipelined
+    from nemo_ee.models import build_model
+
+    whole = build_model(EarlyExitConfig.from_dict(dict(ee_config.to_dict(), pipeline_model_parallel_size=2)),
+                        pre_process=True, post_process=True)
+    attempts = {
+        "speculative": (stage, prompt, GenerationParams(decode_mode="self_speculative")),
+        "empty": (stage, [], GenerationParams()),
+        "layout": (whole, prompt, GenerationParams()),
+    }
+    errors = {}
+    for name, args in attempts.items():
+        try:
+            generate_pipelined(*args)
+            errors[name] = None
+        except ValueError as error:
+            errors[name] = str(error)
+    return errors
+
+
 def main(out_dir: Path) -> None:
     from nemo_ee.inference.pipelined import generate_pipelined
 
@@ -116,26 +145,32 @@ def main(out_dir: Path) -> None:
     torch.set_num_threads(1)
     texts, result = prompts(), {}
     for name, overrides in MODELS.items():
-        ckpt = out_dir / f"ckpt_{name}"
+        ckpt, t0 = out_dir / f"ckpt_{name}", time.perf_counter()
         model = train_and_save(overrides, ckpt)
+        train_seconds = time.perf_counter() - t0
         first, _ = reference(model, cases()[:1], texts)
         settings = cases(extra_stop_token=first[0][0]["tokens"][4])
         ref, ref_seconds = reference(model, settings, texts)
+        # PP=1 (each rank its own one-stage pipeline): the stage is first and last, no message is sent
+        alone = [as_dict(generate_pipelined(model, p, settings[0][0])) for p in texts] if rank() == 0 else None
         ee_config = model.ee_config
         del model
+        t0 = time.perf_counter()
         stage = stage_model(ee_config, ckpt, pp=2)
+        load_seconds = time.perf_counter() - t0
         dist.barrier()
         start, mine = time.perf_counter(), []
         for params, _ in settings:
             mine.append([as_dict(generate_pipelined(stage, p, params)) for p in texts])
         pp_seconds = time.perf_counter() - start
+        errors = refusals(stage, ee_config, texts[0])
         both, exits = [None, None], [None, None]
         dist.all_gather_object(both, mine)
         dist.all_gather_object(exits, sorted(head.layer_num for head in stage.exits.values()))
         tokens = sum(len(g["tokens"]) for row in ref for g in row)
         result[name] = dict(cases=[d for _, d in settings], reference=ref, pipelined=both,
                             ref_seconds=ref_seconds, pp_seconds=pp_seconds, tokens=tokens,
-                            stage_exits=exits)
+                            stage_exits=exits, pp1_pipelined=alone, errors=errors, train_seconds=train_seconds, load_seconds=load_seconds)
     if rank() == 0:
         (out_dir / "result.json").write_text(json.dumps(result))
     dist.barrier()

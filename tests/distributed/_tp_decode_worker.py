@@ -2,8 +2,8 @@
 
     python -m torch.distributed.run --nproc_per_node 2 _tp_decode_worker.py OUT_DIR
 
-For each model of ``_pipelined_decode_worker.MODELS``: every rank trains the same model (TP=PP=1),
-saves it as a distributed checkpoint, rank 0 decodes every case at TP=1 (one prompt per call); then
+For each model of ``_pipelined_decode_worker.MODELS``: rank 0 trains the model (TP=PP=1), it is
+saved as a distributed checkpoint, rank 0 decodes every case at TP=1 (one prompt per call); then
 the layout becomes TP=2, each rank loads its shard of the checkpoint (resharded on load) and both
 ranks decode every case with ``generate`` (all prompts of a case in one batch, rows exiting on their
 own; self-speculative one prompt at a time). Rank 0 writes ``OUT_DIR/result.json``.

@@ -40,7 +40,8 @@ def run(tmp_path_factory):
     for name, r in result.items():
         print(f"\n{name}: {r['tokens']} tokens; PP=1 generate {r['ref_seconds']:.2f} s "
               f"({r['tokens'] / r['ref_seconds']:.0f} tok/s), PP=2 pipelined {r['pp_seconds']:.2f} s "
-              f"({r['tokens'] / r['pp_seconds']:.0f} tok/s)")
+              f"({r['tokens'] / r['pp_seconds']:.0f} tok/s); train+save {r['train_seconds']:.1f} s, "
+              f"PP=2 build+load {r['load_seconds']:.1f} s")
     return result
 
 
@@ -67,3 +68,17 @@ def test_run_covers_every_decision_place(run, model):
     assert any(d != 1 for g in sampled for d in g["depths"])  # sampled from logits shipped by stage 1
     stop = r["pipelined"][0][5]
     assert "stop" in [g["finish"] for g in stop] and all(len(g["tokens"]) == 16 or g["finish"] == "stop" for g in stop)
+
+
+@pytest.mark.parametrize("model", ["plain", "block"])
+def test_one_stage_pipeline_is_plain_decoding(run, model):
+    r = run[model]
+    assert r["pp1_pipelined"] == r["reference"][0]
+
+
+def test_refusals_before_any_message(run):
+    errors = run["plain"]["errors"]  # the run went on afterwards: no rank was left waiting for a message
+    assert "'self_speculative' cannot run pipelined" in errors["speculative"]
+    assert "the prompt is empty" in errors["empty"]
+    assert "rank 0 is pipeline stage 0 of 2 but its model was built with pre_process=True, post_process=True" \
+        in errors["layout"]
