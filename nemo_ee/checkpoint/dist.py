@@ -30,7 +30,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import torch.distributed as dist
 

@@ -23,8 +23,6 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
-
 from nemo_ee.checkpoint.hf import ADAPTERS, EXITS_CONFIG, EXITS_WEIGHTS, Adapter, is_exit_field
 
 FAMILIES = tuple(a.name for a in ADAPTERS)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import numbers
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -15,6 +13,8 @@ from tqdm.auto import tqdm
 
 from .corpus import CorpusSpec, corpus_fingerprint, iter_texts, split_files
 from .tokenizer import EETokenizer
+from nemo_ee.atomic import atomic_path
+
 
 _BATCH_FILES = 64  # files per encode_batch call: enough to keep the Rust threads busy
 
@@ -41,15 +41,8 @@ def tokenize_corpus(
                 chunks.append(np.asarray(ids + [tokenizer.eos_id], dtype=dtype))
             bar.update(len(batch))
     tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, tokens)
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(out_path) as tmp, open(tmp, "wb") as f:
+        np.save(f, tokens)
     return np.load(out_path, mmap_mode="r")
 
 

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from nemo_ee.atomic import atomic_path
 from nemo_ee.inference.loading import CONFIG, CheckpointError, check_nemo_file, inference_defaults
 
 USER_ERRORS = (CheckpointError, FileNotFoundError, FileExistsError, ValueError, KeyError)
@@ -179,8 +180,7 @@ def write_inference_section(src: str | os.PathLike, dst: str | os.PathLike, sect
 
     src, dst = Path(src), Path(dst)
     check_nemo_file(src)
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(dst) as tmp:
         with tarfile.open(src, "r:*") as tar_in, tarfile.open(tmp, "w:") as tar_out:
             for member in tar_in.getmembers():
                 data = tar_in.extractfile(member) if member.isfile() else None
@@ -191,10 +191,6 @@ def write_inference_section(src: str | os.PathLike, dst: str | os.PathLike, sect
                     member, data = copy.copy(member), io.BytesIO(blob)
                     member.size = len(blob)
                 tar_out.addfile(member, data)
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return dst
 
 

@@ -10,9 +10,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from nemo_ee.inference.engine import EarlyExitEngine
 from nemo_ee.inference.policies import POLICIES, ExitRule, check_active_exits
-from nemo_ee.inference.sampling import SamplingParams, sample
+from nemo_ee.inference.sampling import SamplingParams
 
 DECODE_MODES = ("early_exit", "self_speculative", "full")
 

@@ -34,6 +34,7 @@ from typing import Optional, Sequence, Union
 import torch
 from omegaconf import OmegaConf
 
+from nemo_ee.atomic import save_nemo
 from nemo_ee.config import EarlyExitConfig
 
 # Per-exit fields whose list values are tied to the old exit list (reset when they are lists).
@@ -287,8 +288,6 @@ def parse_args(argv: Optional[Sequence[str]] = None):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Path:
-    import os
-
     from nemo_ee.models.nemo_model import EarlyExitGPTNeMoModel
 
     args = parse_args(argv)
@@ -299,14 +298,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         exit_block=args.exit_block, exit_loss_weights=weights[0] if len(weights) == 1 else weights,
         init="random" if args.random_init else "copy", init_std=args.init_std, seed=args.seed,
     )
-    args.dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.dst.with_name(f".{args.dst.name}.tmp-{os.getpid()}.nemo")
-    try:
-        new.save_to(str(tmp))
-        os.replace(tmp, args.dst)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    save_nemo(new, args.dst)
     ee = new.ee_config
     print(f"wrote {args.dst}: exits at layers {ee.exit_layer_nums} ({ee.exit_position}; norm={ee.exit_norm} "
           f"mlp={ee.exit_mlp} block={ee.exit_block}; init={'random' if args.random_init else 'copy'}), "

@@ -20,6 +20,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
+from nemo_ee.atomic import save_nemo
 from nemo_ee.config import EarlyExitConfig
 from nemo_ee.models.losses import ExitWeightSchedule, masked_sum, weighted_exit_sum
 
@@ -181,7 +182,6 @@ def tune_nemo(cfg: Any) -> dict:
     pipeline tuner (:func:`nemo_ee.tuning.nemo_pipeline.tune_nemo_pipeline`).
     Returns {"first": {exit: CE}, "last": {exit: CE}, "steps": n, "output": path}.
     """
-    import os
     from pathlib import Path
 
     from omegaconf import OmegaConf
@@ -225,13 +225,6 @@ def tune_nemo(cfg: Any) -> dict:
             print(f"step {step + 1}/{steps}: {format_losses(ee, last)}", flush=True)
     for p in model.model.parameters():
         p.requires_grad_(True)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}.nemo")
-    try:
-        model.save_to(str(tmp))
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    save_nemo(model, dst)
     print(f"wrote {dst}")
     return {"first": first, "last": last, "steps": steps, "output": str(dst)}

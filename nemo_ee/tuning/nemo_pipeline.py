@@ -17,6 +17,8 @@ from typing import Any, Mapping, Union
 
 import torch
 import torch.distributed as dist
+from nemo_ee.atomic import atomic_path
+
 
 WEIGHTS = "model_weights.safetensors"  # SafetensorsSaveRestoreConnector's weights file inside a .nemo
 PREFIX = "model."  # the EarlyExitGPTModel's place in the NeMo model's state dict
@@ -54,7 +56,6 @@ def write_nemo_with_exits(src: Union[str, os.PathLike], dst: Union[str, os.PathL
     from safetensors.torch import save as save_bytes
 
     dst = Path(dst)
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     with tarfile.open(str(src), "r:*") as tar_in:
         members = tar_in.getmembers()
         weights = [m for m in members if Path(m.name).name == WEIGHTS and m.isfile()]
@@ -72,8 +73,7 @@ def write_nemo_with_exits(src: Union[str, os.PathLike], dst: Union[str, os.PathL
                                  f"source {tuple(state[key].shape)} {state[key].dtype}")
             state[key] = value.detach().cpu().contiguous()
         blob = save_bytes(state)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        try:
+        with atomic_path(dst) as tmp:
             with tarfile.open(str(tmp), "w:") as tar_out:
                 for member in members:
                     if member is weights[0]:
@@ -82,10 +82,6 @@ def write_nemo_with_exits(src: Union[str, os.PathLike], dst: Union[str, os.PathL
                         tar_out.addfile(info, io.BytesIO(blob))
                     else:
                         tar_out.addfile(member, tar_in.extractfile(member) if member.isfile() else None)
-            os.replace(tmp, dst)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
     return dst
 
 

@@ -1,0 +1,30 @@
+"""Atomic file writes: write beside the target, then ``os.replace``; a killed write never leaves half a file."""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(dst: str | Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``dst``; on success it replaces ``dst``, on any error it is removed.
+
+    ``suffix`` keeps an extension a writer insists on (NeMo's ``save_to`` wants ``.nemo``).
+    """
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}{suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_nemo(model: Any, path: str | Path) -> Path:
+    """``model.save_to(path)`` atomically."""
+    with atomic_path(path, suffix=".nemo") as tmp:
+        model.save_to(str(tmp))
+    return Path(path)
