@@ -68,6 +68,7 @@ DEFAULT_MODEL = {
     "trainer.max_steps": 600,
     "model.micro_batch_size": 8,
     "model.global_batch_size": 8,
+    "model.tokenizer.vocab_size": 512,
     "model.arch.num_layers": 16,
     "model.arch.hidden_size": 256,
     "model.arch.num_attention_heads": 4,
@@ -110,7 +111,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 32; quick 16)")
     p.add_argument("--new-tokens", type=int, default=None, help="generated tokens per prompt (default 96; quick 12)")
     p.add_argument("--batch", type=int, default=None, help="batch size of the batched comparison (default 8; quick 4)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed EE/full pairs before each measurement")
+    p.add_argument("--warmup", type=int, default=1, help="untimed EE/full pairs before the measurements")
+    p.add_argument("--repeats", type=int, default=1, help="timed passes over the prompts per setting (default 1)")
     p.add_argument("--val-windows", type=int, default=None, help="validation windows for perplexity (default 64; quick 4)")
     p.add_argument("--target", type=float, default=0.98, help="agreement target of speedup_at_98")
     p.add_argument("--draft-exit", type=int, default=None, help="self-speculative draft exit layer (default: best predicted)")
@@ -125,7 +127,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, key, value)
     if not 0.0 < args.step <= 1.0:
         p.error(f"--step {args.step} must be in (0, 1]")
-    for key in ("prompts", "prompt_len", "new_tokens", "batch", "threads", "val_windows"):
+    for key in ("prompts", "prompt_len", "new_tokens", "batch", "threads", "val_windows", "repeats"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} {getattr(args, key)} must be >= 1")
     return args
@@ -243,7 +245,12 @@ def profile_step(model, prompt, params, top: int = 12) -> None:
     generate(model, [prompt], params)
     prof.disable()
     out = io.StringIO()
-    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+    stats = pstats.Stats(prof, stream=out)
+    own = {key: value[2] for key, value in stats.stats.items()}  # (file, line, name) -> own seconds
+    kernels = sum(t for (file, _, name), t in own.items() if file == "~" and "torch" in name)
+    print(f"cProfile: {kernels / sum(own.values()):.0%} of the profiled time is inside torch operators, the rest "
+          "is Python (module calls, megatron plumbing, engine bookkeeping; inflated by the profiler)")
+    stats.sort_stats("tottime").print_stats(top)
     lines = [ln for ln in out.getvalue().splitlines() if ln.strip()]
     start = next(i for i, ln in enumerate(lines) if ln.lstrip().startswith("ncalls"))
     print("cProfile of one early-exit generation (own time, top functions):")
@@ -273,8 +280,8 @@ def run_benchmark(path: Path, args: argparse.Namespace) -> None:
           f"{list(ee.exit_layer_nums)}; torch threads {torch.get_num_threads()}; {args.prompts} prompts of "
           f"{args.prompt_len} tokens, {args.new_tokens} new tokens, greedy", flush=True)
 
-    costs = bench.step_costs(model)
-    overhead = bench.python_overhead_per_layer(model)
+    costs = bench.step_costs(model, twin=bench.narrow_twin(model))
+    overhead = costs["twin_per_layer"]
     full_s = costs["depth_seconds"][L]
     print("decode step (batch 1): " + ", ".join(f"depth {d}: {s * 1e3:.2f} ms" for d, s in sorted(costs["depth_seconds"].items())))
     print(f"  per layer {costs['per_layer'] * 1e3:.3f} ms, fixed per step {costs['fixed'] * 1e3:.3f} ms -> layers are "

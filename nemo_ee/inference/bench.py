@@ -156,48 +156,71 @@ def paired(run_a: Callable[[int], Any], run_b: Callable[[int], Any], count: int,
 
 
 @torch.no_grad()
-def step_costs(model: torch.nn.Module, steps: int = 40, context: int = 32) -> dict:
+def step_costs(model: torch.nn.Module, steps: int = 40, context: int = 32,
+               twin: Optional[torch.nn.Module] = None) -> dict:
     """Decode-step seconds (batch 1) at each exit depth (forced exit) and at full depth, and a linear fit.
 
-    Depths are timed round-robin (drift hits all alike), the first steps excluded, medians kept.
-    Returns ``{"depth_seconds": {depth: s}, "per_layer": s, "fixed": s}``; ``fixed`` is what a step costs
-    besides its layers (embedding, the head, bookkeeping), extrapolated to depth 0.
+    Every (model, depth) is timed round-robin (drift hits all alike), the first steps excluded, medians
+    kept. Returns ``{"depth_seconds": {depth: s}, "per_layer": s, "fixed": s}``; ``fixed`` is what a step
+    costs besides its layers (embedding, the head, bookkeeping), extrapolated to depth 0. With ``twin``
+    (the same architecture at another width, see :func:`narrow_twin`) also ``"twin_per_layer"``.
     """
-    L = model.ee_config.num_layers
-    rules = {L: ExitRule.full()}
+    cases = [(name, m, d, rule) for name, m in (("model", model), ("twin", twin)) if m is not None
+             for d, rule in _depth_rules(m).items()]
+    engines = []
+    for name, m, d, rule in cases:
+        ctx = min(context, m.ee_config.max_positions // 2)
+        engine = EarlyExitEngine(m, 1, ctx + 2)
+        engine.step([0], [[1] * ctx], [ExitRule.full()])
+        engines.append((engine, ctx))
+    times: list[list[float]] = [[] for _ in cases]
+    for i in range(steps):
+        for j, ((engine, ctx), (_, _, _, rule)) in enumerate(zip(engines, cases)):
+            t, _ = timed(lambda: engine.step([0], [[1]], [rule]))
+            engine.truncate(0, ctx)
+            if i >= min(5, steps // 4):
+                times[j].append(t)
+    out: dict = {}
+    for name in ("model", "twin"):
+        points = {d: statistics.median(times[j]) for j, (n, _, d, _) in enumerate(cases) if n == name}
+        if points and name == "model":
+            out.update(_fit(points))
+        elif points:
+            out["twin_per_layer"] = _fit(points)["per_layer"]
+    return out
+
+
+def _depth_rules(model: torch.nn.Module) -> dict:
+    rules = {model.ee_config.num_layers: ExitRule.full()}
     for index in exit_order(model):
         rules.setdefault(model.exits[str(index)].point, ExitRule(forced=index))
-    context = min(context, model.ee_config.max_positions // 2)
-    engines = {d: EarlyExitEngine(model, 1, context + 2) for d in rules}
-    times: dict[int, list[float]] = {d: [] for d in rules}
-    for d, engine in engines.items():
-        engine.step([0], [[1] * context], [ExitRule.full()])
-    for i in range(steps):
-        for d, engine in engines.items():
-            t, _ = timed(lambda: engine.step([0], [[1]], [rules[d]]))
-            engine.truncate(0, context)
-            if i >= min(5, steps // 4):
-                times[d].append(t)
-    points = {d: statistics.median(v) for d, v in times.items()}
+    return rules
+
+
+def _fit(points: dict) -> dict:
+    """Least-squares line through {depth: seconds}."""
     depths = sorted(points)
     if len(depths) < 2:
-        return {"depth_seconds": points, "per_layer": points[L] / L, "fixed": 0.0}
+        return {"depth_seconds": points, "per_layer": points[depths[0]] / depths[0], "fixed": 0.0}
     n, mx = len(depths), sum(depths) / len(depths)
     my = sum(points[d] for d in depths) / n
     slope = sum((d - mx) * (points[d] - my) for d in depths) / sum((d - mx) ** 2 for d in depths)
     return {"depth_seconds": points, "per_layer": slope, "fixed": my - slope * mx}
 
 
-def python_overhead_per_layer(model: torch.nn.Module, steps: int = 30) -> float:
-    """Per-layer decode seconds of the same architecture at hidden 64 (random weights): dispatch, not compute."""
+def narrow_twin(model: torch.nn.Module, hidden: int = 64) -> torch.nn.Module:
+    """The same architecture (layers, exits, vocabulary) at hidden ``hidden``, random weights.
+
+    Its per-layer decode time is dispatch and Python, almost no arithmetic: an estimate of the
+    overhead inside each layer of ``model``.
+    """
     from nemo_ee.models import build_model
 
     ee = model.ee_config
-    heads = ee.num_attention_heads if 64 % ee.num_attention_heads == 0 else 4
-    small = dataclasses.replace(ee, hidden_size=64, ffn_hidden_size=256, num_attention_heads=heads,
+    heads = ee.num_attention_heads if hidden % ee.num_attention_heads == 0 else 4
+    small = dataclasses.replace(ee, hidden_size=hidden, ffn_hidden_size=4 * hidden, num_attention_heads=heads,
                                 num_query_groups=None)
-    twin = build_model(small).eval()
-    return step_costs(twin, steps=steps)["per_layer"]
+    return build_model(small).eval()
 
 
 def predicted_selfspec(alpha: float, k: int, draft_s: float, full_s: float) -> float:
@@ -227,7 +250,7 @@ def sweep_row(model: torch.nn.Module, prompts: list, full_tokens: list, t: float
     ee = GenerationParams(max_tokens=args.new_tokens, exit_policy=policy, threshold=t)
     full = GenerationParams(max_tokens=args.new_tokens)
     res = paired(lambda i: generate(model, [prompts[i]], ee)[0], lambda i: generate(model, [prompts[i]], full)[0],
-                 len(prompts), getattr(args, "repeats", 1))
+                 len(prompts), args.repeats)
     gens = res["out_a"]
     for gen, ref in zip(res["out_b"], full_tokens):
         if gen.token_ids != ref:
@@ -264,7 +287,7 @@ def selfspec(model: torch.nn.Module, prompts: list, full_tokens: list, args: Any
                             num_draft=num_draft)
     full = GenerationParams(max_tokens=args.new_tokens)
     res = paired(lambda i: generate_self_speculative(model, prompts[i], spec),
-                 lambda i: generate(model, [prompts[i]], full)[0], len(prompts), getattr(args, "repeats", 1))
+                 lambda i: generate(model, [prompts[i]], full)[0], len(prompts), args.repeats)
     identical = all(g.token_ids == ref for g, ref in zip(res["out_a"], full_tokens))
     drafted = [d for g in res["out_a"] for d in g.exit_layers]
     L = model.ee_config.num_layers
