@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +16,7 @@ from typing import Any, Callable, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from nemo_ee.atomic import atomic_path
 from nemo_ee.pipeline.report import Section
 
 MARKER = "stage.json"
@@ -87,18 +86,9 @@ def file_identity(path: Path) -> dict:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temp file in the same directory, then ``os.replace``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=False, default=str)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write JSON atomically (nemo_ee.atomic): a killed run never leaves half a marker."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
 
 
 def read_marker(stage_dir: Path) -> Optional[dict]:
@@ -147,18 +137,6 @@ def format_seconds(seconds: float) -> str:
 def plain_dict(cfg: DictConfig) -> dict:
     """A config node as plain containers, interpolations resolved (``???`` kept)."""
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
-
-
-def save_nemo(model: Any, path: Path) -> Path:
-    """``model.save_to`` via a temp file and ``os.replace``: a killed save never leaves a half .nemo."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.nemo")
-    try:
-        model.save_to(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def nemo_arch(path: str) -> dict:

@@ -6,7 +6,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from nemo_ee.pipeline.base import StageContext, StageResult, nemo_arch, plain_dict, save_nemo
+from nemo_ee.atomic import save_nemo
+from nemo_ee.pipeline.base import StageContext, StageResult, nemo_arch, plain_dict
 from nemo_ee.pipeline.report import Section
 
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from nemo_ee.pipeline.base import COMMON_KEYS, StageContext, StageResult, nemo_arch, plain_dict, save_nemo
+from nemo_ee.atomic import save_nemo
+from nemo_ee.pipeline.base import COMMON_KEYS, StageContext, StageResult, nemo_arch, plain_dict
 from nemo_ee.pipeline.report import Section, markdown_table
 
 
