@@ -1,0 +1,1 @@
+"""Deployment of early-exit models: a Triton Inference Server model repository and its Python backend."""
