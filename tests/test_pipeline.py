@@ -17,9 +17,20 @@ SHORT = [
     "pretrain.model.arch.num_layers=4", "pretrain.model.arch.hidden_size=32", "pretrain.model.arch.num_attention_heads=4",
     "pretrain.model.arch.ffn_hidden_size=64", "pretrain.model.arch.seq_length=16", "pretrain.model.arch.exit_layer_nums=[1,2]",
     "stages.ee_tune.max_steps=10", "stages.ee_tune.micro_batch_size=4", "stages.evaluate.val_batches=2",
-    "stages.evaluate.batch_size=4",
+    "stages.evaluate.batch_size=4", "stages.calibrate.num_prompts=2", "stages.calibrate.prompt_tokens=6",
+    "stages.calibrate.max_tokens=8", "stages.calibrate.batch_size=2", "stages.decode_sweep.thresholds=[1.0,0.5,0.0]",
+    "stages.decode_sweep.prompts=2", "stages.decode_sweep.prompt_len=6", "stages.decode_sweep.new_tokens=8",
+    "stages.decode_sweep.val_windows=2", "stages.decode_sweep.sample_tokens=6", "stages.triton.max_tokens=6",
+    "stages.benchmarks.bench_train_overhead.enabled=false", "stages.benchmarks.bench_pipeline_comm.enabled=false",
+    "stages.benchmarks.bench_bubble_fill.enabled=false",
+    "stages.benchmarks.bench_tuning.args=[--layers,4,--hidden,32,--heads,4,--vocab,256,--seq,16,--repeats,1,"
+    "--warmup,1,--threads,1]",
+    "stages.benchmarks.bench_decode.args=[--quick,--nemo,'{nemo}',--out,'{out}',--no-profile,--prompts,2,--prompt-len,4,"
+    "--new-tokens,8,--batch,2,--val-windows,2,--step,0.5]",
 ]
-STAGE_NAMES = ["corpus", "pretrain_plain", "pretrain_ee", "add_exits", "ee_tune", "evaluate"]
+STAGE_NAMES = ["corpus", "pretrain_plain", "pretrain_ee", "add_exits", "ee_tune", "loss_curves", "evaluate", "calibrate",
+               "decode_sweep", "triton", "benchmarks"]
+AFTER_TUNING = STAGE_NAMES[STAGE_NAMES.index("loss_curves"):]
 
 
 def config(tmp_path, *overrides):
@@ -36,7 +47,20 @@ def actions(plan):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["+stages.calibrate.skip=true"], r"unknown stage\(s\) \['calibrate'\]; the stages are \['corpus', "),
+        (["+stages.deploy.skip=true"], r"unknown stage\(s\) \['deploy'\]; the stages are \['corpus', "),
+        (["stages.calibrate.target=1.5"], r"stages.calibrate: target 1.5 is outside \(0, 1\]"),
+        (["stages.calibrate.policy=vote"], r"stages.calibrate: exit policy 'vote' is not one of"),
+        (["stages.calibrate.max_tokens=120"], r"stages.calibrate: prompt_tokens 6 \+ max_tokens 120 exceed the context "
+                                              r"of 16 tokens"),
+        (["stages.decode_sweep.thresholds=[1.0,1.2]"], r"stages.decode_sweep.thresholds=\[1.0, 1.2\] must be a "
+                                                       r"non-empty list of numbers in \[0, 1\]"),
+        (["stages.decode_sweep.prompts=0"], r"stages.decode_sweep.prompts=0 must be an integer >= 1"),
+        (["stages.triton.protocol=smtp"], r"stages.triton.protocol='smtp' is not one of \['grpc', 'http'\]"),
+        (["stages.triton.queries=[]"], r"stages.triton.queries=\[\] must be a non-empty list"),
+        (["+stages.benchmarks.bench_fast={enabled:true}"], r"stages.benchmarks: unknown key\(s\) \['bench_fast'\]"),
+        (["stages.benchmarks.bench_decode.enabled=maybe"], r"stages.benchmarks.bench_decode.enabled='maybe' must be "
+                                                           r"true or false"),
+        (["stages.benchmarks.timeout=0"], r"stages.benchmarks.timeout=0 must be a positive number"),
         (["stages.pretrain_plain.nemo=/no/such/plain.nemo"], r"stages.pretrain_plain.nemo=/no/such/plain.nemo: no such file"),
         (["stages.ee_tune.nemo=model.ckpt"], r"stages.ee_tune.nemo=model.ckpt: not a .nemo file"),
         (["stages.add_exits.exit_fractions=[0.25,1.5]"], r"stages.add_exits.exit_fractions: 1.5 is outside \(0, 1\]"),
@@ -119,10 +143,13 @@ def test_skipping_a_stage_skips_what_needs_it(tmp_path):
         "pretrain_ee": ("run", "not run yet"),
         "add_exits": ("skip", "needs pretrain_plain, which is skipped"),
         "ee_tune": ("skip", "needs add_exits, which is skipped"),
-        "evaluate": ("run", "not run yet"),
+        **{n: ("run", "not run yet") for n in AFTER_TUNING},
     }
     got = actions(plan_pipeline(config(tmp_path, "stages.pretrain_ee.skip=true", "stages.add_exits.skip=true")))
     assert got["evaluate"] == ("skip", "needs pretrain_ee or add_exits or ee_tune, which is skipped")
+    assert got["calibrate"] == ("skip", "needs pretrain_ee or ee_tune, which is skipped")
+    assert got["triton"] == ("skip", "needs calibrate, which is skipped")
+    assert got["benchmarks"] == ("run", "not run yet")  # bench_decode alone needs a model; it says so when run
 
 
 def _mark_all_done(plan, root):
@@ -150,7 +177,10 @@ def test_resume_reuses_done_stages_and_reruns_what_a_change_touches(tmp_path):
     # a tuning setting changes: EE-Tuning and what reads its model rerun, nothing upstream does
     got = actions(plan_pipeline(config(tmp_path, "stages.ee_tune.max_steps=11")))
     assert got == {**{n: ("reuse", "done earlier") for n in STAGE_NAMES[:4]},
-                   "ee_tune": ("run", "config changed"), "evaluate": ("run", "config changed")}
+                   **{n: ("run", "config changed") for n in ["ee_tune", *AFTER_TUNING]}}
+    # a sweep setting reruns the sweep only
+    got = actions(plan_pipeline(config(tmp_path, "stages.decode_sweep.repeats=2")))
+    assert {n for n, (a, _) in got.items() if a == "run"} == {"decode_sweep"}
 
     # a deleted artefact makes its stage run again
     (root / "add_exits" / "model.nemo").unlink()

@@ -51,3 +51,75 @@ def exit_loss_plot(path: Path, headers: Sequence[str], rows: Sequence[Sequence[A
     series = {str(label): [row[i + 1] for row in rows] for i, label in enumerate(headers[1:])}
     return grouped_bars(path, groups, series, "Validation loss per exit (lower is better)",
                         "cross-entropy (nats / token)", note)
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def loss_curves(path: Path, panels: dict[str, dict[str, Sequence[tuple[float, float]]]], title: str,
+                note: Optional[str] = None) -> Path:
+    """One panel per training run (title -> {curve label: [(step, loss)]}), a line per exit / final output."""
+    plt = _pyplot()
+    names = [n for n, curves in panels.items() if curves]
+    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(5.2 * max(len(names), 1), 4.6), dpi=110, squeeze=False)
+    for ax, name in zip(axes[0], names):
+        bases = list(dict.fromkeys(label.removeprefix("val ") for label in panels[name]))
+        for label, points in panels[name].items():
+            xs, ys = [p[0] for p in points], [p[1] for p in points]
+            val = label.startswith("val ")  # validation: dashed, the colour of the same output's training curve
+            ax.plot(xs, ys, "--" if val else "-", marker="o" if val or len(xs) < 12 else None, ms=4, lw=1.6,
+                    color=COLORS[bases.index(label.removeprefix("val ")) % len(COLORS)], label=label)
+        ax.set_title(name, fontsize=11)
+        ax.set_xlabel("training step", fontsize=10)
+        ax.set_ylabel("cross-entropy (nats / token)", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8.5, loc="upper right")
+    fig.suptitle(title, fontsize=12)
+    if note:
+        fig.text(0.01, 0.01, note, fontsize=8, color="#555555")
+    fig.tight_layout(rect=(0, 0.04 if note else 0, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def sweep_comparison(path: Path, sweeps: dict[str, Sequence[dict]], target: float, title: str,
+                     note: Optional[str] = None) -> Path:
+    """Speedup (top) and greedy agreement (bottom) against the exit threshold, a line per model."""
+    plt = _pyplot()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8.5, 7.2), dpi=110, sharex=True,
+                                      gridspec_kw={"height_ratios": [1, 1]})
+    for c, (label, rows) in enumerate(sweeps.items()):
+        t = [r["threshold"] for r in rows]
+        color = COLORS[c % len(COLORS)]
+        top.plot(t, [r["speedup"] for r in rows], "o-", color=color, lw=1.8, label=f"{label}: measured")
+        top.plot(t, [r["ideal_speedup"] for r in rows], "s:", color=color, lw=1.2, ms=4, alpha=0.8,
+                 label=f"{label}: ideal (layers / mean exit depth)")
+        bottom.plot(t, [r["agreement"] for r in rows], "o-", color=color, lw=1.8, label=label)
+    top.axhline(1.0, color="grey", lw=0.8)
+    top.set_ylabel("speedup over full decoding (x)", fontsize=10)
+    top.set_title(title, fontsize=11)
+    bottom.axhline(target, color="#C44E52", ls="--", lw=1, label=f"agreement target {target}")
+    bottom.set_ylabel("greedy agreement with the full model", fontsize=10)
+    bottom.set_xlabel("max-prob exit threshold (a token leaves at the first exit whose top probability >= it)",
+                      fontsize=9.5)
+    low = min([target] + [r["agreement"] for rows in sweeps.values() for r in rows])
+    bottom.set_ylim(max(0.0, low - 0.05), 1.01)  # zoomed on the range the models cover
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8.5, loc="best")
+    bottom.invert_xaxis()  # strict (1.0, full decoding) on the left, loose (0.0) on the right
+    if note:
+        fig.text(0.01, 0.01, note, fontsize=8, color="#555555")
+    fig.tight_layout(rect=(0, 0.03 if note else 0, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

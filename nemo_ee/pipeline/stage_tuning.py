@@ -5,6 +5,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nemo_ee.atomic import save_nemo
 from nemo_ee.pipeline.base import COMMON_KEYS, StageContext, StageResult, nemo_arch, plain_dict
+from nemo_ee.pipeline.curves import tee_stdout
 from nemo_ee.pipeline.report import Section, markdown_table
 
 
@@ -106,7 +107,9 @@ def run_ee_tune(ctx: StageContext) -> StageResult:
     settings = {k: v for k, v in plain_dict(ctx.stage_cfg).items() if k not in COMMON_KEYS and k != "nemo"}
     out = ctx.stage_dir / "ee_tuned.nemo"
     settings.update(restore_from=ctx.inputs["add_exits"]["nemo"], output=str(out), overwrite=True)
-    result = tune_nemo(OmegaConf.create(settings))
+    log = ctx.stage_dir / "tune.log"
+    with tee_stdout(log):  # the loss_curves stage reads the per-step losses from it
+        result = tune_nemo(OmegaConf.create(settings))
     layers = ctx.inputs["add_exits"].get("exit_layers")
     first, last = result.get("first") or {}, result.get("last") or {}
     rows = [[f"exit at layer {layers[i]}" if layers else f"exit {i}", first.get(i), last.get(i)] for i in sorted(last)]
@@ -114,7 +117,7 @@ def run_ee_tune(ctx: StageContext) -> StageResult:
     body = (f"{steps} steps, micro-batch {settings['micro_batch_size']}, lr {settings['optim']['lr']}, "
             f"backbone frozen. Training loss (one micro-batch) at the first and last step:\n\n"
             + markdown_table(["exit", "first step", "last step"], rows) + f"\n\nModel: `{out}`.")
-    return StageResult({"nemo": str(out), "steps": steps,
+    return StageResult({"nemo": str(out), "steps": steps, "log_file": str(log),
                         "first": {str(k): v for k, v in first.items()}, "last": {str(k): v for k, v in last.items()}},
                        [Section("EE-Tuning", body)])
 

@@ -8,11 +8,20 @@ Its report sections appear in stage order; its artefacts reach the stages that l
 from __future__ import annotations
 
 from nemo_ee.pipeline.base import Stage
+from nemo_ee.pipeline.curves import curves_settings, run_loss_curves
 from nemo_ee.pipeline.stage_data import check_corpus, corpus_settings, run_corpus
+from nemo_ee.pipeline.stage_decode import (
+    CALIBRATE_KEYS, SWEEP_KEYS, calibrate_settings, check_calibrate, check_sweep, run_calibrate, run_sweep,
+    sweep_settings,
+)
 from nemo_ee.pipeline.stage_evaluate import check_evaluate, evaluate_settings, run_evaluate
 from nemo_ee.pipeline.stage_pretrain import (
     check_pretrain_ee, check_pretrain_plain, pretrain_ee_settings, pretrain_plain_settings, run_pretrain_ee,
     run_pretrain_plain,
+)
+from nemo_ee.pipeline.stage_serve import (
+    BENCH_KEYS, TRITON_KEYS, bench_settings, check_benchmarks, check_triton, run_benchmarks, run_triton,
+    triton_settings,
 )
 from nemo_ee.pipeline.stage_tuning import (
     add_exits_settings, check_add_exits, check_ee_tune, ee_tune_settings, run_add_exits, run_ee_tune,
@@ -33,9 +42,20 @@ STAGES: list[Stage] = [
           pointer="nemo", keys=frozenset({"exit_fractions", "init", "exit_loss_weights"}), check=check_add_exits),
     Stage("ee_tune", "EE-Tuning: train the exits, backbone frozen", run_ee_tune, ee_tune_settings,
           needs=("add_exits",), pointer="nemo", keys=None, check=check_ee_tune),
+    Stage("loss_curves", "per-exit loss curves of the pretrainings and of EE-Tuning", run_loss_curves,
+          curves_settings, wants=("pretrain_plain", "pretrain_ee", "ee_tune"), needs_any=True),
     Stage("evaluate", "per-exit validation loss, EE-pretrained vs EE-tuned", run_evaluate, evaluate_settings,
           wants=("pretrain_ee", "add_exits", "ee_tune"), needs_any=True,
           keys=frozenset({"val_batches", "batch_size"}), check=check_evaluate),
+    Stage("calibrate", "calibrate the exit thresholds of both early-exit models", run_calibrate, calibrate_settings,
+          wants=("pretrain_ee", "ee_tune"), needs_any=True, keys=frozenset(CALIBRATE_KEYS), check=check_calibrate),
+    Stage("decode_sweep", "threshold sweep: speedup, agreement, exit depth; sample generations", run_sweep,
+          sweep_settings, wants=("pretrain_ee", "ee_tune", "calibrate"), needs_any=True,
+          keys=frozenset(SWEEP_KEYS), check=check_sweep),
+    Stage("triton", "serve the calibrated EE-tuned model on Triton and query it", run_triton, triton_settings,
+          needs=("calibrate",), keys=frozenset(TRITON_KEYS), check=check_triton),
+    Stage("benchmarks", "every scripts/bench_*.py with short settings", run_benchmarks, bench_settings,
+          wants=("pretrain_ee", "ee_tune", "calibrate"), keys=BENCH_KEYS, check=check_benchmarks),
 ]
 
 
