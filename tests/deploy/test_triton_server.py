@@ -301,3 +301,17 @@ def test_serve_script_starts_and_stops_on_ctrl_c(repository, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert "successfully unloaded" in log.read_text() or "Waiting for in-flight requests" in log.read_text()
+
+
+def test_a_model_that_cannot_load_is_named(repository, tmp_path):
+    import shutil
+
+    from nemo_ee.deploy.triton.server import ServerStartError, TritonServer
+
+    broken = tmp_path / "broken"
+    shutil.copytree(repository, broken)
+    (broken / NAME / "1" / "model.nemo").unlink()
+    http, grpc = free_ports(2)
+    with pytest.raises(ServerStartError, match=rf"exited with code 1 before it was ready\n  model {NAME}: FileNotFound"
+                                               r"Error: no .nemo file at .*/1/model.nemo \(config.pbtxt parameter"):
+        TritonServer(broken, http_port=http, grpc_port=grpc).start(timeout=600)

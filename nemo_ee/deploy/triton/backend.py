@@ -516,19 +516,21 @@ class TritonBackend:
         self.service: Optional[DecodeService] = None
 
     def initialize(self, args: Mapping[str, str]) -> None:
-        ensure_utf8_locale()
-        import torch
-
-        from nemo_ee.inference.loading import inference_defaults, load_nemo_for_inference
-
-        if not logging.getLogger().handlers:
-            logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s: %(message)s")
+        started = time.perf_counter()
         config = json.loads(args["model_config"])
         parameters = config_parameters(config)
         if not (config.get("model_transaction_policy") or {}).get("decoupled"):
             raise ValueError("config.pbtxt must set model_transaction_policy { decoupled: True } (responses stream)")
-        started = time.perf_counter()
         path = resolve_checkpoint(parameters.get("checkpoint", ""), args["model_repository"], args["model_version"])
+        if not path.is_file():  # before the slow imports: a wrong path fails in a second
+            raise FileNotFoundError(f"no .nemo file at {path} (config.pbtxt parameter checkpoint)")
+        ensure_utf8_locale()
+        if not logging.getLogger().handlers:
+            logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s: %(message)s")
+        import torch
+
+        from nemo_ee.inference.loading import inference_defaults, load_nemo_for_inference
+
         nemo = load_nemo_for_inference(path)
         self.model, self.tokenizer = nemo.model, nemo.tokenizer
         self.settings = ServingSettings.from_parameters(parameters, self.model, inference_defaults(nemo.cfg))

@@ -16,10 +16,11 @@ USER_ERRORS = (OSError, ValueError, TimeoutError)  # OSError: missing files, por
 
 def _run(fn: Callable[[], Optional[int]]) -> int:
     from nemo_ee.deploy.triton.client import RequestError
+    from nemo_ee.deploy.triton.server import ServerStartError
 
     try:
         return int(fn() or 0)
-    except (RequestError, *USER_ERRORS) as err:
+    except (RequestError, ServerStartError, *USER_ERRORS) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import socket
@@ -39,6 +40,11 @@ from pathlib import Path
 from typing import IO, Optional, Sequence
 
 STUB = "triton_python_backend_stub"
+_LOAD_ERROR = re.compile(r"failed to load '([^']+)' version \d+: (?:Internal: )?(.*?)(?:\\n\\nAt:|\"$)")
+
+
+class ServerStartError(RuntimeError):
+    """tritonserver exited or timed out before it was ready; the message says why (the model's load error)."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -190,7 +196,8 @@ class TritonServer:
             if self.process.poll() is not None:
                 code = self.process.returncode
                 self.stop()
-                raise RuntimeError(f"tritonserver exited with code {code} before it was ready\n{self.log_tail()}")
+                raise ServerStartError(f"tritonserver exited with code {code} before it was ready"
+                                       + self._why())
             if self.ready():
                 self._remember_stubs()
                 return self
@@ -199,7 +206,7 @@ class TritonServer:
                 raise KeyboardInterrupt("cancelled while the server was starting")
             if time.monotonic() > deadline:
                 self.stop()
-                raise TimeoutError(f"tritonserver was not ready after {timeout:.0f}s\n{self.log_tail()}")
+                raise ServerStartError(f"tritonserver was not ready after {timeout:.0f}s" + self._why())
             time.sleep(0.5)
 
     def ready(self) -> bool:
@@ -267,6 +274,17 @@ class TritonServer:
                 self._saved_log = self._log_lines()  # the log file goes with the temp dir
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
+
+    def _why(self) -> str:
+        """The models' load errors from the log, then its tail (or where the log went)."""
+        lines = self._log_lines()
+        errors = [f"{m.group(1)}: {m.group(2)}" for m in map(_LOAD_ERROR.search, lines) if m]
+        text = "".join(f"\n  model {e}" for e in dict.fromkeys(errors))
+        if lines:
+            text += "\n--- last lines of the server log:\n" + self.log_tail(25)
+        elif self.log_setting is None:
+            text += " (its log is above)"
+        return text
 
     def _log_lines(self) -> list[str]:
         if self.log_path is None or not self.log_path.exists():
