@@ -21,7 +21,7 @@ from nemo_ee.inference.policies import ExitRule, confidence
 from nemo_ee.inference.speculative import generate_self_speculative
 
 CSV_COLUMNS = ("threshold", "ee_tok_s", "full_tok_s", "speedup", "mean_depth", "ideal_speedup", "efficiency",
-               "agreement", "agreement_prefix", "val_ppl")
+               "agreement", "agreement_prefix", "val_ppl", "speedup_wall")
 
 
 def thresholds(step: float) -> list[float]:
@@ -127,37 +127,48 @@ def agreement(model: torch.nn.Module, gens: Sequence[Generation], full: Sequence
     return same / max(1, total), prefix / max(1, total)
 
 
-def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-    """(wall seconds, result) of one call."""
-    started = time.perf_counter()
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
+
+
+def timed(fn: Callable[[], Any], clock: str = "wall") -> tuple[float, Any]:
+    """(seconds of ``clock`` -- "wall" or "cpu", this process's CPU time -- spent in one call, its result)."""
+    now = CLOCKS[clock]
+    started = now()
     result = fn()
-    return time.perf_counter() - started, result
+    return now() - started, result
 
 
-def paired(run_a: Callable[[int], Any], run_b: Callable[[int], Any], count: int, repeats: int = 1) -> dict:
+def paired(run_a: Callable[[int], Any], run_b: Callable[[int], Any], count: int, repeats: int = 1,
+           clock: str = "cpu") -> dict:
     """Alternate a and b over ``count`` items (a first on even items, b first on odd), ``repeats`` times.
 
-    Returns times per item (lists), the median seconds of each side, the median of per-item time
-    ratios b/a, and the last result of each item on each side.
+    Returns, for ``clock``, the median seconds of each side ("a", "b") and the median of per-item
+    ratios b/a ("ratio"); the same ratio in wall-clock time ("ratio_wall"); each item's last results.
+    CPU time (one intra-op thread) is the decoder's own work, unaffected by other processes taking the
+    cores; wall time is what a user waits for on an idle machine.
     """
-    times_a, times_b, out_a, out_b = [], [], [None] * count, [None] * count
+    times = {("a", c): [] for c in CLOCKS} | {("b", c): [] for c in CLOCKS}
+    outs = {"a": [None] * count, "b": [None] * count}
+
+    def one(side: str, fn: Callable[[int], Any], i: int) -> None:
+        w0, c0 = time.perf_counter(), time.process_time()
+        outs[side][i] = fn(i)
+        times[(side, "cpu")].append(time.process_time() - c0)
+        times[(side, "wall")].append(time.perf_counter() - w0)
+
     for rep in range(repeats):
         for i in range(count):
-            if (i + rep) % 2 == 0:
-                ta, out_a[i] = timed(lambda: run_a(i))
-                tb, out_b[i] = timed(lambda: run_b(i))
-            else:
-                tb, out_b[i] = timed(lambda: run_b(i))
-                ta, out_a[i] = timed(lambda: run_a(i))
-            times_a.append(ta)
-            times_b.append(tb)
-    return {"a": statistics.median(times_a), "b": statistics.median(times_b),
-            "ratio": statistics.median(b / a for a, b in zip(times_a, times_b)), "out_a": out_a, "out_b": out_b}
+            order = (("a", run_a), ("b", run_b)) if (i + rep) % 2 == 0 else (("b", run_b), ("a", run_a))
+            for side, fn in order:
+                one(side, fn, i)
+    ratio = {c: statistics.median(b / a for a, b in zip(times[("a", c)], times[("b", c)])) for c in CLOCKS}
+    return {"a": statistics.median(times[("a", clock)]), "b": statistics.median(times[("b", clock)]),
+            "ratio": ratio[clock], "ratio_wall": ratio["wall"], "out_a": outs["a"], "out_b": outs["b"]}
 
 
 @torch.no_grad()
 def step_costs(model: torch.nn.Module, steps: int = 40, context: int = 32,
-               twin: Optional[torch.nn.Module] = None) -> dict:
+               twin: Optional[torch.nn.Module] = None, clock: str = "cpu") -> dict:
     """Decode-step seconds (batch 1) at each exit depth (forced exit) and at full depth, and a linear fit.
 
     Every (model, depth) is timed round-robin (drift hits all alike), the first steps excluded, medians
@@ -176,7 +187,7 @@ def step_costs(model: torch.nn.Module, steps: int = 40, context: int = 32,
     times: list[list[float]] = [[] for _ in cases]
     for i in range(steps):
         for j, ((engine, ctx), (_, _, _, rule)) in enumerate(zip(engines, cases)):
-            t, _ = timed(lambda: engine.step([0], [[1]], [rule]))
+            t, _ = timed(lambda: engine.step([0], [[1]], [rule]), clock)
             engine.truncate(0, ctx)
             if i >= min(5, steps // 4):
                 times[j].append(t)
@@ -250,7 +261,7 @@ def sweep_row(model: torch.nn.Module, prompts: list, full_tokens: list, t: float
     ee = GenerationParams(max_tokens=args.new_tokens, exit_policy=policy, threshold=t)
     full = GenerationParams(max_tokens=args.new_tokens)
     res = paired(lambda i: generate(model, [prompts[i]], ee)[0], lambda i: generate(model, [prompts[i]], full)[0],
-                 len(prompts), args.repeats)
+                 len(prompts), args.repeats, args.clock)
     gens = res["out_a"]
     for gen, ref in zip(res["out_b"], full_tokens):
         if gen.token_ids != ref:
@@ -263,7 +274,7 @@ def sweep_row(model: torch.nn.Module, prompts: list, full_tokens: list, t: float
     ppl = math.exp(float(tf.picked_nll(rule, exit_order(model), policy).mean()))
     row = {"threshold": t, "ee_tok_s": args.new_tokens / res["a"], "full_tok_s": args.new_tokens / res["b"],
            "speedup": speedup, "mean_depth": mean_depth, "ideal_speedup": ideal, "efficiency": speedup / ideal,
-           "agreement": agree, "agreement_prefix": agree_prefix, "val_ppl": ppl}
+           "agreement": agree, "agreement_prefix": agree_prefix, "val_ppl": ppl, "speedup_wall": res["ratio_wall"]}
     for depth in depth_levels(model):
         row[f"share_l{depth}"] = sum(d == depth for d in depths) / len(depths)
     return row, gens
@@ -287,11 +298,11 @@ def selfspec(model: torch.nn.Module, prompts: list, full_tokens: list, args: Any
                             num_draft=num_draft)
     full = GenerationParams(max_tokens=args.new_tokens)
     res = paired(lambda i: generate_self_speculative(model, prompts[i], spec),
-                 lambda i: generate(model, [prompts[i]], full)[0], len(prompts), args.repeats)
+                 lambda i: generate(model, [prompts[i]], full)[0], len(prompts), args.repeats, args.clock)
     identical = all(g.token_ids == ref for g, ref in zip(res["out_a"], full_tokens))
     drafted = [d for g in res["out_a"] for d in g.exit_layers]
     L = model.ee_config.num_layers
-    return {"speedup": res["ratio"], "identical": identical, "spec_tok_s": args.new_tokens / res["a"],
+    return {"speedup": res["ratio"], "speedup_wall": res["ratio_wall"], "identical": identical, "spec_tok_s": args.new_tokens / res["a"],
             "full_tok_s": args.new_tokens / res["b"], "draft_share": sum(d < L for d in drafted) / len(drafted)}
 
 
@@ -300,10 +311,12 @@ def batched(model: torch.nn.Module, prompts: list, args: Any, threshold: float, 
     ee = GenerationParams(max_tokens=args.new_tokens, threshold=threshold)
     full = GenerationParams(max_tokens=args.new_tokens)
     generate(model, prompts, ee), generate(model, prompts, full)  # warm-up
-    res = paired(lambda _: generate(model, prompts, ee), lambda _: generate(model, prompts, full), 1, repeats)
+    res = paired(lambda _: generate(model, prompts, ee), lambda _: generate(model, prompts, full), 1, repeats,
+                 args.clock)
     tokens = len(prompts) * args.new_tokens
     depths = [d for g in res["out_a"][0] for d in g.exit_layers]
     return {"ee_tok_s": tokens / res["a"], "full_tok_s": tokens / res["b"], "speedup": res["ratio"],
+            "speedup_wall": res["ratio_wall"],
             "mean_depth": sum(depths) / len(depths)}
 
 
