@@ -13,7 +13,7 @@ from nemo_ee.pipeline.report import Section, markdown_table, text_table
 
 MODELS = (("pretrain_ee", "EE-pretrained"), ("ee_tune", "EE-tuned"))
 CALIBRATE_KEYS = ("target", "policy", "num_prompts", "prompt_tokens", "max_tokens", "batch_size", "max_rounds")
-SWEEP_KEYS = ("thresholds", "prompts", "prompt_len", "new_tokens", "repeats", "val_windows", "target",
+SWEEP_KEYS = ("thresholds", "prompts", "prompt_len", "new_tokens", "repeats", "clock", "val_windows", "target",
               "sample_prompts", "sample_tokens")
 
 
@@ -110,6 +110,8 @@ def check_sweep(cfg: DictConfig, given: dict) -> None:
     if not isinstance(values, list) or not values or not all(
             isinstance(t, (int, float)) and not isinstance(t, bool) and 0.0 <= t <= 1.0 for t in values):
         raise ValueError(f"stages.decode_sweep.thresholds={values!r} must be a non-empty list of numbers in [0, 1]")
+    if s["clock"] not in ("cpu", "wall"):
+        raise ValueError(f"stages.decode_sweep.clock={s['clock']!r} is not one of ['cpu', 'wall']")
     if not isinstance(s["target"], (int, float)) or not 0 < s["target"] <= 1:
         raise ValueError(f"stages.decode_sweep.target={s['target']!r} must be in (0, 1]")
     prompts = s["sample_prompts"]
@@ -128,7 +130,7 @@ def _model_path(ctx: StageContext, name: str) -> str:
 def sweep_model(nemo: Any, s: dict) -> dict:
     """The threshold sweep of one model (nemo_ee.inference.bench), its calibrated decoding and sample texts."""
     from nemo_ee.inference import bench
-    from nemo_ee.inference.generate import GenerationParams, generate
+    from nemo_ee.inference.generate import GenerationParams, context_limit, generate
     from nemo_ee.inference.loading import inference_defaults
     from nemo_ee.inference.render import exit_stats, mark_exits
 
@@ -138,7 +140,7 @@ def sweep_model(nemo: Any, s: dict) -> dict:
     full = GenerationParams(max_tokens=s["new_tokens"])
     generate(model, prompts[:1], GenerationParams(max_tokens=s["new_tokens"], threshold=0.5))  # warm-up, untimed
     full_tokens = [generate(model, [p], full)[0].token_ids for p in prompts]
-    args = SimpleNamespace(new_tokens=s["new_tokens"], repeats=s["repeats"])
+    args = SimpleNamespace(new_tokens=s["new_tokens"], repeats=s["repeats"], clock=s["clock"])
     rows = []
     for t in sorted({float(t) for t in s["thresholds"]}, reverse=True):
         row, _ = bench.sweep_row(model, prompts, full_tokens, t, args, tf)
@@ -151,9 +153,15 @@ def sweep_model(nemo: Any, s: dict) -> dict:
     gens = generate(model, prompts, params)
     stats = exit_stats([g.exit_layers for g in gens], time.perf_counter() - start)
     samples = []
+    room = context_limit(model) - int(s["sample_tokens"])
     for text in s["sample_prompts"]:
-        sample = GenerationParams(max_tokens=s["sample_tokens"], stop_token_ids=(tok.eos_id,), **defaults)
-        gen = generate(model, [tok.encode(text)], sample)[0]
+        ids = tok.encode(text)
+        if len(ids) > max(1, room):  # a short context: keep the prompt's end, show what was kept
+            ids = ids[-max(1, room):]
+            text = tok.decode(ids)
+        tokens = min(int(s["sample_tokens"]), context_limit(model) - len(ids))
+        sample = GenerationParams(max_tokens=tokens, stop_token_ids=(tok.eos_id,), **defaults)
+        gen = generate(model, [ids], sample)[0]
         samples.append({"prompt": text, "marked": mark_exits(tok, gen.token_ids, gen.exit_layers),
                         "text": tok.decode(gen.token_ids), "exit_layers": list(gen.exit_layers),
                         "mean_exit_depth": gen.mean_exit_depth if gen.token_ids else None})
@@ -196,7 +204,7 @@ def run_sweep(ctx: StageContext) -> StageResult:
                                                     for k, v in row.items()}})
     first = next(iter(results.values()))
     note = (f"{s['prompts']} validation prompts of {s['prompt_len']} tokens, {s['new_tokens']} new tokens each, "
-            f"greedy, batch 1; EE and full decoding timed alternately")
+            f"greedy, batch 1; EE and full decoding timed alternately ({s['clock']} time)")
     sweep_png = sweep_comparison(ctx.stage_dir / "speedup_agreement.png", {k: v["rows"] for k, v in results.items()},
                                  float(s["target"]), f"Early-exit decoding vs full decoding ({first['num_layers']}-layer "
                                  f"models, exits after layers {first['exit_layers']})", note)
@@ -222,7 +230,8 @@ def run_sweep(ctx: StageContext) -> StageResult:
            for label, r in results.items()]
     body = (f"Each validation prompt ({s['prompts']} of {s['prompt_len']} tokens) is decoded greedily "
             f"({s['new_tokens']} new tokens) with one `max_prob` threshold at every exit and with the full model, "
-            f"alternately; speedup = full time / early-exit time (median over prompts), ideal = layers / mean exit "
+            f"alternately; speedup = full time / early-exit time (median over prompts; {s['clock']} time"
+            f"{', this process only: robust on a shared machine' if s['clock'] == 'cpu' else ''}), ideal = layers / mean exit "
             f"depth; agreement = share of tokens equal to the full model's greedy token after the same prefix "
             f"(nemo_ee.inference.bench). Loosest threshold with agreement >= {s['target']}: " + "; ".join(ops)
             + f".\n\n![speedup and agreement against threshold]({rel(sweep_png)})\n\n"

@@ -16,6 +16,14 @@ from nemo_ee.pipeline.report import Section, markdown_table, text_table
 
 REPO = Path(__file__).resolve().parents[2]
 TRITON_KEYS = ("queries", "max_tokens", "protocol", "start_timeout", "request_timeout")
+BENCH_WHAT = {  # one line each for the report; each script's docstring has the details
+    "bench_bubble_fill": "PP=2 training with bubble-filling micro-batches vs without, same wall-clock budget: "
+                         "exit-loss progress ratio",
+    "bench_decode": "early-exit vs full decoding: efficiency, speedup at 98% agreement, self-speculative, batched",
+    "bench_pipeline_comm": "PP=2 training: point-to-point messages per step with vs without exits, step-time ratio",
+    "bench_train_overhead": "training step time with exits / without, measured vs FLOP prediction",
+    "bench_tuning": "EE-Tuning vs full fine-tuning: step-time and memory ratios",
+}
 BENCH_KEYS = frozenset({"timeout", "bench_train_overhead", "bench_pipeline_comm", "bench_bubble_fill", "bench_tuning",
                         "bench_decode"})
 
@@ -194,14 +202,14 @@ def run_benchmarks(ctx: StageContext) -> StageResult:
         results[name] = run_bench(name, args, out / "output.log", float(s["timeout"]))
     json_path = ctx.stage_dir / "results.json"
     write_json(json_path, results)
-    rows = [[f"`{name}.py`", r["status"], r.get("seconds"), f"`{r['result']}`" if r.get("result") else "—"]
-            for name, r in results.items()]
+    rows = [[f"`{name}.py`", BENCH_WHAT[name], r["status"], r.get("seconds"), f"`{r['result']}`" if r.get("result")
+             else "—"] for name, r in results.items()]
     args_list = "\n".join(f"- `{name}.py {' '.join(str(a) for a in s[name].get('args') or [])}`"
                           for name in results if s[name].get("enabled", True))
     body = ("Every `scripts/bench_*.py`, run as a subprocess on this machine with the short settings of "
             "`stages.benchmarks` (not their defaults: the numbers are noisier than a full run's). Each script's "
-            "docstring says what its RESULT line measures.\n\n" + markdown_table(["benchmark", "status", "seconds",
-                                                                                    "RESULT line"], rows, 1)
+            "docstring says what its RESULT line measures.\n\n" + markdown_table(["benchmark", "what it measures", "status",
+                                                                                    "seconds", "RESULT line"], rows, 1)
             + f"\n\nCommands:\n{args_list}\n\nOutputs: `benchmarks/<name>/output.log`; numbers: "
             f"`{json_path.relative_to(ctx.run_dir).as_posix()}`.")
     return StageResult({"results_json": str(json_path),
