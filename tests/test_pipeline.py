@@ -183,9 +183,17 @@ def test_resume_reuses_done_stages_and_reruns_what_a_change_touches(tmp_path):
     got = actions(plan_pipeline(config(tmp_path, "stages.decode_sweep.repeats=2")))
     assert {n for n, (a, _) in got.items() if a == "run"} == {"decode_sweep"}
 
-    # a deleted artefact makes its stage run again
+    # a deleted artefact makes its stage run again, and every stage that reads it (same config, new input)
     (root / "add_exits" / "model.nemo").unlink()
-    assert actions(plan_pipeline(config(tmp_path)))["add_exits"] == ("run", "incomplete")
+    got = actions(plan_pipeline(config(tmp_path)))
+    assert got["add_exits"] == ("run", "incomplete") and got["ee_tune"] == ("run", "add_exits runs again")
+    assert got["evaluate"] == ("run", "add_exits runs again") and got["calibrate"] == ("run", "ee_tune runs again")
+    assert got["pretrain_ee"] == ("reuse", "done earlier")
+    # rerun=true on a stage reruns what reads it, too
+    got = actions(plan_pipeline(config(tmp_path, "stages.calibrate.rerun=true")))
+    assert {n for n, (a, _) in got.items() if a == "run"} >= {"calibrate", "decode_sweep", "triton", "benchmarks"}
+    assert got["triton"] == ("run", "calibrate runs again")
+    _mark_all_done(plan_pipeline(config(tmp_path)), root)
 
     # an interrupted pretraining (marker 'running', same config) resumes
     write_marker(root / "pretrain_ee", "pretrain_ee", first[2].hash, "running")
@@ -220,6 +228,38 @@ def test_report_keeps_stage_order_and_sections():
     assert text.index("## Stages") < text.index("## A") < text.index("alpha") < text.index("## B")
     assert markdown_table(["x", "loss"], [["exit", 1.23456], ["final", None]]).splitlines() == [
         "| x | loss |", "|---|---:|", "| exit | 1.2346 |", "| final | — |"]
+
+
+def test_result_lines_and_loss_logs_are_parsed(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from nemo_ee.pipeline.curves import tee_stdout, tensorboard_curves, tuning_curves
+    from nemo_ee.pipeline.stage_serve import parse_result
+
+    assert parse_result("RESULT efficiency=0.704 selfspec_identical=true steps=7") == {
+        "efficiency": 0.704, "selfspec_identical": "true", "steps": 7.0}
+    log = tmp_path / "tune.log"
+    with tee_stdout(log):
+        print("step 1/11: exit_l2=5.2576 exit_l4=5.1342")
+        print("some other line")
+        print("step 11/11: exit_l2=4.2164 exit_l4=4.1831")
+    assert tuning_curves(log) == {"exit at layer 2": [(1.0, 5.2576), (11.0, 4.2164)],
+                                  "exit at layer 4": [(1.0, 5.1342), (11.0, 4.1831)]}
+    assert tuning_curves(tmp_path / "missing.log") == {}
+    # two event files (a resumed run): the later value of a step wins; unrelated tags are ignored
+    for run, values in ((0, {10: 6.0, 20: 5.0}), (1, {20: 4.5, 30: 4.0})):
+        writer = SummaryWriter(str(tmp_path / "tb" / f"version_{run}"))
+        for step, value in values.items():
+            writer.add_scalar("train_loss", value, step)
+            writer.add_scalar("train_exit_l2_loss", value + 1, step)
+            writer.add_scalar("lr", 0.1, step)
+        writer.add_scalar("val_exit_l2_loss", 7.5, 30)
+        writer.close()
+    curves = tensorboard_curves(tmp_path / "tb")
+    assert list(curves) == ["exit at layer 2", "final", "val exit at layer 2"]
+    assert curves["final"] == [(10.0, 6.0), (20.0, 4.5), (30.0, 4.0)]
+    assert curves["exit at layer 2"] == [(10.0, 7.0), (20.0, 5.5), (30.0, 5.0)]
+    assert curves["val exit at layer 2"] == [(30.0, 7.5)]
 
 
 # ---------------------------------------------------------------------------------------------- end to end

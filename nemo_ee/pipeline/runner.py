@@ -108,6 +108,7 @@ def plan_pipeline(cfg: DictConfig, stages: Sequence[Stage] = STAGES) -> list[Pla
     root = run_dir(cfg)
     plan: list[PlannedStage] = []
     hashes: dict[str, str] = {}  # stages that will have artefacts
+    running: set[str] = set()  # stages that will run: what reads their outputs must not reuse older results
     for stage in stages:
         scfg = cfg.stages[stage.name]
         missing = [n for n in stage.needs if n not in hashes]
@@ -136,7 +137,14 @@ def plan_pipeline(cfg: DictConfig, stages: Sequence[Stage] = STAGES) -> list[Pla
             errors.append(f"stages.{stage.name}: {exc}")
             continue
         hashes[stage.name] = h = config_hash(payload)
-        plan.append(_decide(stage, scfg, h, root / stage.name, errors))
+        decision = _decide(stage, scfg, h, root / stage.name, errors)
+        rerun_inputs = [n for n in present if n in running]
+        if decision.action == "reuse" and rerun_inputs:
+            decision = PlannedStage(stage, "run", f"{rerun_inputs[0]} runs again", h, fresh=not stage.resumable,
+                                    marker=decision.marker)
+        if decision.action == "run":
+            running.add(stage.name)
+        plan.append(decision)
     if errors:
         raise ValueError("invalid pipeline config:\n  - " + "\n  - ".join(errors))
     return plan
