@@ -21,7 +21,7 @@ SHORT = [
     "stages.evaluate.batch_size=4", "stages.calibrate.num_prompts=2", "stages.calibrate.prompt_tokens=6",
     "stages.calibrate.max_tokens=8", "stages.calibrate.batch_size=2", "stages.decode_sweep.thresholds=[1.0,0.5,0.0]",
     "stages.decode_sweep.prompts=2", "stages.decode_sweep.prompt_len=6", "stages.decode_sweep.new_tokens=8",
-    "stages.decode_sweep.val_windows=2", "stages.decode_sweep.sample_tokens=6", "stages.triton.max_tokens=6",
+    "stages.decode_sweep.val_windows=2", "stages.decode_sweep.sample_tokens=6", "stages.triton.max_tokens=6", "stages.triton.start_timeout=200",
     "stages.benchmarks.bench_train_overhead.enabled=false", "stages.benchmarks.bench_pipeline_comm.enabled=false",
     "stages.benchmarks.bench_bubble_fill.enabled=false",
     "stages.benchmarks.bench_tuning.args=[--layers,4,--hidden,32,--heads,4,--vocab,256,--seq,16,--repeats,1,"
@@ -279,7 +279,7 @@ def triton_unusable():
 def run_script(tmp_path, *args):
     env = dict(os.environ, NEMO_EE_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, str(REPO / "scripts" / "run_pipeline.py"), f"out_dir={tmp_path / 'out'}",
-                           *SHORT, *args], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+                           *SHORT, *args], capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
 
 
 def parse_table(report: str, heading: str) -> tuple[list[str], dict[str, list[str]]]:

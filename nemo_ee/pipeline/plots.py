@@ -73,8 +73,13 @@ def loss_curves(path: Path, panels: dict[str, dict[str, Sequence[tuple[float, fl
         for label, points in panels[name].items():
             xs, ys = [p[0] for p in points], [p[1] for p in points]
             val = label.startswith("val ")  # validation: dashed, the colour of the same output's training curve
+            color = COLORS[bases.index(label.removeprefix("val ")) % len(COLORS)]
+            if not val and len(ys) >= 25:  # one micro-batch per point: raw faint, running mean of 5 on top
+                ax.plot(xs, ys, "-", lw=0.8, alpha=0.3, color=color)
+                ys = [sum(ys[max(0, i - 4):i + 1]) / len(ys[max(0, i - 4):i + 1]) for i in range(len(ys))]
+                label += " (mean of 5)"
             ax.plot(xs, ys, "--" if val else "-", marker="o" if val or len(xs) < 12 else None, ms=4, lw=1.6,
-                    color=COLORS[bases.index(label.removeprefix("val ")) % len(COLORS)], label=label)
+                    color=color, label=label)
         ax.set_title(name, fontsize=11)
         ax.set_xlabel("training step", fontsize=10)
         ax.set_ylabel("cross-entropy (nats / token)", fontsize=10)

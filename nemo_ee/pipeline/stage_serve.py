@@ -75,13 +75,20 @@ def run_triton(ctx: StageContext) -> StageResult:
     local = load_nemo_for_inference(nemo_path)  # the same request decoded in this process, for comparison
     local_params = GenerationParams(max_tokens=int(s["max_tokens"]), stop_token_ids=(local.tokenizer.eos_id,),
                                     **inference_defaults(local.cfg))
-    http, grpc = free_port(), free_port()
-    while grpc == http:
-        grpc = free_port()
-    server = TritonServer(repo, http_port=http, grpc_port=grpc, log=ctx.stage_dir / "tritonserver.log")
     answers: list[dict[str, Any]] = []
     t0 = time.time()
-    server.start(timeout=float(s["start_timeout"]))
+    for attempt in (1, 2):  # a server that never gets ready (a busy shared machine) is retried once on new ports
+        http, grpc = free_port(), free_port()
+        while grpc == http:
+            grpc = free_port()
+        server = TritonServer(repo, http_port=http, grpc_port=grpc, log=ctx.stage_dir / f"tritonserver_{attempt}.log")
+        try:
+            server.start(timeout=float(s["start_timeout"]))
+            break
+        except (TimeoutError, RuntimeError) as exc:
+            if attempt == 2:
+                raise
+            print(f"tritonserver did not start ({str(exc).splitlines()[0]}); trying once more", flush=True)
     started = time.time() - t0
     print(f"tritonserver ready in {started:.1f}s (HTTP {server.http_url}, gRPC {server.grpc_url})", flush=True)
     try:
@@ -116,7 +123,7 @@ def run_triton(ctx: StageContext) -> StageResult:
             f"through tritonclient ({s['protocol']}, streaming, {s['max_tokens']} tokens at most), then stopped. "
             f"Each answer is compared with decoding the same prompt in this process.\n\n"
             + markdown_table(headers, rows, 2) + f"\n\nAnswers: `{json_path.relative_to(ctx.run_dir).as_posix()}`; "
-            f"server log: `triton/tritonserver.log`.")
+            f"server log: `triton/tritonserver_{attempt}.log`.")
     return StageResult({"answers_json": str(json_path), "startup_s": started,
                         "same_as_local": all(a["same_as_local"] for a in answers)},
                        [Section("Serving on Triton", body)])
