@@ -23,7 +23,7 @@ SHORT = [
     "stages.decode_sweep.prompts=2", "stages.decode_sweep.prompt_len=6", "stages.decode_sweep.new_tokens=8",
     "stages.decode_sweep.val_windows=2", "stages.decode_sweep.sample_tokens=6", "stages.triton.max_tokens=6", "stages.triton.start_timeout=200",
     "stages.benchmarks.bench_train_overhead.enabled=false", "stages.benchmarks.bench_pipeline_comm.enabled=false",
-    "stages.benchmarks.bench_bubble_fill.enabled=false",
+    "stages.benchmarks.bench_bubble_fill.enabled=false", "stages.benchmarks.bench_triton.enabled=false",
     "stages.benchmarks.bench_tuning.args=[--layers,4,--hidden,32,--heads,4,--vocab,256,--seq,16,--repeats,1,"
     "--warmup,1,--threads,1]",
     "stages.benchmarks.bench_decode.args=[--quick,--nemo,'{nemo}',--out,'{out}',--no-profile,--prompts,2,--prompt-len,4,"
@@ -62,6 +62,8 @@ def actions(plan):
         (["stages.benchmarks.bench_decode.enabled=maybe"], r"stages.benchmarks.bench_decode.enabled='maybe' must be "
                                                            r"true or false"),
         (["stages.benchmarks.timeout=0"], r"stages.benchmarks.timeout=0 must be a positive number"),
+        (["~stages.benchmarks.bench_tuning"], r"stages.benchmarks.bench_tuning is missing: give scripts/bench_tuning.py "
+                                              r"an entry"),
         (["stages.pretrain_plain.nemo=/no/such/plain.nemo"], r"stages.pretrain_plain.nemo=/no/such/plain.nemo: no such file"),
         (["stages.ee_tune.nemo=model.ckpt"], r"stages.ee_tune.nemo=model.ckpt: not a .nemo file"),
         (["stages.add_exits.exit_fractions=[0.25,1.5]"], r"stages.add_exits.exit_fractions: 1.5 is outside \(0, 1\]"),
@@ -445,7 +447,7 @@ def check_later_stages(root: Path, report: str, no_triton) -> None:
     results = json.loads((root / "benchmarks" / "results.json").read_text())
     assert {k: v["status"] for k, v in results.items()} == {
         "bench_bubble_fill": "disabled", "bench_decode": "ok", "bench_pipeline_comm": "disabled",
-        "bench_train_overhead": "disabled", "bench_tuning": "ok"}
+        "bench_train_overhead": "disabled", "bench_tuning": "ok", "bench_triton": "disabled"}
     assert results["bench_decode"]["values"]["selfspec_identical"] == "true"
     assert 0 < results["bench_tuning"]["values"]["time_ratio"] and 0 < results["bench_tuning"]["values"]["memory_ratio"] < 1
     _, rows = parse_table(report, "Benchmarks (RESULT lines)")

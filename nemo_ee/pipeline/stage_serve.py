@@ -23,9 +23,10 @@ BENCH_WHAT = {  # one line each for the report; each script's docstring has the 
     "bench_pipeline_comm": "PP=2 training: point-to-point messages per step with vs without exits, step-time ratio",
     "bench_train_overhead": "training step time with exits / without, measured vs FLOP prediction",
     "bench_tuning": "EE-Tuning vs full fine-tuning: step-time and memory ratios",
+    "bench_triton": "Triton vs in-process decoding, 1/4/8 clients: tokens/s ratio, lost requests, p99 latency",
 }
-BENCH_KEYS = frozenset({"timeout", "bench_train_overhead", "bench_pipeline_comm", "bench_bubble_fill", "bench_tuning",
-                        "bench_decode"})
+BENCHES = tuple(sorted(p.stem for p in (REPO / "scripts").glob("bench_*.py")))  # every one needs an entry
+BENCH_KEYS = frozenset({"timeout", *BENCHES})
 
 
 # ---------------------------------------------------------------------------------------------- triton
@@ -142,8 +143,11 @@ def check_benchmarks(cfg: DictConfig, given: dict) -> None:
     timeout = s["timeout"]
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
         raise ValueError(f"stages.benchmarks.timeout={timeout!r} must be a positive number of seconds")
-    for name in sorted(BENCH_KEYS - {"timeout"}):
+    for name in BENCHES:
         entry = s[name]
+        if entry is None:
+            raise ValueError(f"stages.benchmarks.{name} is missing: give scripts/{name}.py an entry "
+                             f"{{enabled: true|false, args: [...]}} (its defaults may run for a long time)")
         if not isinstance(entry, dict) or set(entry) - {"enabled", "args"}:
             raise ValueError(f"stages.benchmarks.{name}={entry!r} must be {{enabled: true|false, args: [...]}}")
         if not isinstance(entry.get("enabled", True), bool):
@@ -151,8 +155,6 @@ def check_benchmarks(cfg: DictConfig, given: dict) -> None:
         args = entry.get("args") or []
         if not isinstance(args, list) or not all(isinstance(a, (str, int, float)) for a in args):
             raise ValueError(f"stages.benchmarks.{name}.args={args!r} must be a list of strings")
-        if not (REPO / "scripts" / f"{name}.py").is_file():
-            raise ValueError(f"stages.benchmarks.{name}: scripts/{name}.py does not exist")
 
 
 def parse_result(line: str) -> dict[str, Any]:
@@ -194,7 +196,7 @@ def run_benchmarks(ctx: StageContext) -> StageResult:
     s = bench_settings(ctx.cfg)
     source = ctx.inputs.get("calibrate") or ctx.inputs.get("ee_tune") or ctx.inputs.get("pretrain_ee") or {}
     results: dict[str, dict] = {}
-    for name in sorted(BENCH_KEYS - {"timeout"}):
+    for name in BENCHES:
         entry = s[name]
         if not entry.get("enabled", True):
             results[name] = {"status": "disabled", "result": None}
@@ -209,8 +211,8 @@ def run_benchmarks(ctx: StageContext) -> StageResult:
         results[name] = run_bench(name, args, out / "output.log", float(s["timeout"]))
     json_path = ctx.stage_dir / "results.json"
     write_json(json_path, results)
-    rows = [[f"`{name}.py`", BENCH_WHAT[name], r["status"], r.get("seconds"), f"`{r['result']}`" if r.get("result")
-             else "—"] for name, r in results.items()]
+    rows = [[f"`{name}.py`", BENCH_WHAT.get(name, "see the script's docstring"), r["status"], r.get("seconds"),
+             f"`{r['result']}`" if r.get("result") else "—"] for name, r in results.items()]
     args_list = "\n".join(f"- `{name}.py {' '.join(str(a) for a in s[name].get('args') or [])}`"
                           for name in results if s[name].get("enabled", True))
     body = ("Every `scripts/bench_*.py`, run as a subprocess on this machine with the short settings of "
