@@ -110,7 +110,9 @@ class TritonBackend:
         self.settings = ServingSettings.from_parameters(parameters, self.model, inference_defaults(nemo.cfg))
         if self.settings.num_threads:
             torch.set_num_threads(self.settings.num_threads)
-        self.service = DecodeService(self.model, self.tokenizer, self.settings.max_inflight).start()
+        # The decode thread starts with the first request, not here: with a thread already running while the
+        # stub answered the server's initialize call, the server occasionally never became ready (seen under load).
+        self.service = DecodeService(self.model, self.tokenizer, self.settings.max_inflight)
         self.pb.Logger.log_info(
             f"nemo_ee: {path} loaded in {time.perf_counter() - started:.1f}s; defaults {self.settings.defaults}, "
             f"max_tokens_limit {self.settings.max_tokens_limit}, in-flight batch {self.settings.max_inflight}, "
@@ -126,6 +128,8 @@ class TritonBackend:
         return out
 
     def execute(self, requests: Sequence[Any]) -> None:
+        if not self.service.running:
+            self.service.start()
         for request in requests:
             sender = request.get_response_sender()
             try:

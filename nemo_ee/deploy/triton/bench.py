@@ -203,18 +203,25 @@ def running_server(nemo: str | Path, workdir: str | Path, settings: dict, max_in
                    timeout: float = 900.0) -> Iterator[Any]:
     """Export ``nemo`` (linked) to ``workdir``, serve it on free loopback ports until ready; stopped on exit, error, Ctrl-C."""
     from nemo_ee.deploy.triton.repository import write_repository
-    from nemo_ee.deploy.triton.server import TritonServer, free_port
+    from nemo_ee.deploy.triton.server import ServerStartError, TritonServer, free_port
 
     write_repository(nemo, workdir, MODEL_NAME, copy=False, overwrite=True, exit_policy=settings.get("exit_policy"),
                      threshold=settings.get("threshold"), exit_thresholds=settings.get("exit_thresholds"),
                      decode_mode="early_exit", max_inflight=max_inflight, num_threads=threads)
-    http = free_port()
-    grpc = free_port()
-    while grpc == http:
+    for attempt in (1, 2):  # a server that never gets ready is retried once, on new ports
+        http = free_port()
         grpc = free_port()
-    server = TritonServer(workdir, http_port=http, grpc_port=grpc)
+        while grpc == http:
+            grpc = free_port()
+        server = TritonServer(workdir, http_port=http, grpc_port=grpc)
+        try:
+            server.start(timeout=timeout / 2)  # stops the server itself when it fails or is interrupted while starting
+            break
+        except ServerStartError:
+            server.stop()
+            if attempt == 2:
+                raise
     try:
-        server.start(timeout=timeout)  # stops the server itself when it fails or is interrupted while starting
         yield server
     finally:
         server.stop()

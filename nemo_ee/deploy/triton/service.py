@@ -79,6 +79,11 @@ class DecodeService:
         return ContinuousBatcher(self.model, self.max_inflight)
 
     # -------------------------------------------------------------------- public
+    @property
+    def running(self) -> bool:
+        """Whether the decode thread has been started."""
+        return self._thread is not None
+
     def start(self) -> "DecodeService":
         self._thread = threading.Thread(target=self._run, name="ee-decode-loop", daemon=True)
         self._thread.start()
