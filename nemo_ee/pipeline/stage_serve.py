@@ -205,9 +205,10 @@ def run_benchmarks(ctx: StageContext) -> StageResult:
         if any("{nemo}" in a for a in args) and not source.get("nemo"):
             results[name] = {"status": "skipped: no early-exit model in this run", "result": None}
             continue
-        out = ctx.stage_dir / name
+        out = (ctx.stage_dir / name).resolve()  # absolute: each benchmark runs in its own directory
         out.mkdir(parents=True, exist_ok=True)
-        args = [a.replace("{nemo}", str(source.get("nemo"))).replace("{out}", str(out)) for a in args]
+        nemo = Path(str(source.get("nemo"))).resolve()
+        args = [a.replace("{nemo}", str(nemo)).replace("{out}", str(out)) for a in args]
         results[name] = run_bench(name, args, out / "output.log", float(s["timeout"]))
     json_path = ctx.stage_dir / "results.json"
     write_json(json_path, results)
