@@ -36,13 +36,7 @@ def grouped_bars(path: Path, groups: Sequence[str], series: dict[str, Sequence[O
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=max(len(names), 1), fontsize=10, frameon=False)
-    if note:
-        fig.text(0.01, 0.01, note, fontsize=8, color="#555555")
-    fig.tight_layout(rect=(0, 0.03 if note else 0, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path, note, 0.03)
 
 
 def exit_loss_plot(path: Path, headers: Sequence[str], rows: Sequence[Sequence[Any]], note: Optional[str] = None) -> Path:
@@ -86,13 +80,7 @@ def loss_curves(path: Path, panels: dict[str, dict[str, Sequence[tuple[float, fl
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8.5, loc="upper right")
     fig.suptitle(title, fontsize=12)
-    if note:
-        fig.text(0.01, 0.01, note, fontsize=8, color="#555555")
-    fig.tight_layout(rect=(0, 0.04 if note else 0, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path, note, 0.04)
 
 
 def sweep_comparison(path: Path, sweeps: dict[str, Sequence[dict]], target: float, title: str,
@@ -121,10 +109,15 @@ def sweep_comparison(path: Path, sweeps: dict[str, Sequence[dict]], target: floa
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8.5, loc="best")
     bottom.invert_xaxis()  # strict (1.0, full decoding) on the left, loose (0.0) on the right
+    return _save(fig, path, note, 0.03)
+
+
+def _save(fig: Any, path: Path, note: Optional[str], note_height: float) -> Path:
+    """Footnote (if any), tight layout leaving ``note_height`` for it, write the PNG, free the figure."""
     if note:
         fig.text(0.01, 0.01, note, fontsize=8, color="#555555")
-    fig.tight_layout(rect=(0, 0.03 if note else 0, 1, 1))
+    fig.tight_layout(rect=(0, note_height if note else 0, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
