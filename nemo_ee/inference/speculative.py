@@ -10,7 +10,7 @@ speculative rejection sampling keeps the full model's distribution. Rejected pos
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -51,25 +51,51 @@ def _accept(draft_tokens, draft_probs, final_logits, params, generator) -> tuple
     return draft_tokens + [int(torch.multinomial(target[len(draft_tokens)], 1, generator=generator))], len(draft_tokens)
 
 
+TokenCallback = Callable[[int, int, bool, str], Optional[bool]]
+
+
 @torch.no_grad()
-def generate_self_speculative(model: torch.nn.Module, prompt: Sequence[int], params: GenerationParams) -> Generation:
-    """One sequence; each output token is reported at the depth that produced it (draft exit or final)."""
+def generate_self_speculative(model: torch.nn.Module, prompt: Sequence[int], params: GenerationParams,
+                              on_token: Optional[TokenCallback] = None) -> Generation:
+    """One sequence; each output token is reported at the depth that produced it (draft exit or final).
+
+    ``on_token(token, depth, finished, finish_reason)`` is called for each output token as soon as it is
+    final (the first after prefill, then the accepted drafts and the correction of each verify step), in
+    order; ``finish_reason`` is "" until the last. A callback that returns False stops the generation after
+    that token (finish reason "cancelled").
+    """
     check_prompt(prompt, model)
     model.eval()
     started = time.perf_counter()
     index = draft_exit_index(model, params.draft_exit)
     depth = model.exits[str(index)].point
+    full_depth = model.ee_config.num_layers
     draft_rule, full_rule = ExitRule(forced=index), ExitRule.full()
     sampling, generator = params.sampling, params.sampling.generator()
     budget = min(params.max_tokens, context_limit(model) - len(prompt))
+    end_reason = "length" if budget == params.max_tokens else "context"
     engine = EarlyExitEngine(model, 1, min(context_limit(model), len(prompt) + budget + params.num_draft + 1))
     out = Generation(list(prompt), [], [])
+
+    def emit(token: int, token_depth: int) -> bool:
+        """Append one output token; True when the generation ends with it."""
+        out.token_ids.append(token)
+        out.exit_layers.append(token_depth)
+        stop = token in params.stop_token_ids
+        finished = stop or len(out.token_ids) >= budget
+        if finished:
+            out.finish_reason = "stop" if stop else end_reason
+        if on_token is not None and on_token(token, token_depth, finished, out.finish_reason if finished else "") is False \
+                and not finished:
+            out.finish_reason = "cancelled"
+            return True
+        return finished
+
     # Prefill with the full model: the first token is the full model's.
     first = engine.step([0], [list(prompt)], [full_rule])[0]
     pending = sample(first.logits, sampling, generator)
-    out.token_ids.append(pending)
-    out.exit_layers.append(model.ee_config.num_layers)
-    while len(out.token_ids) < budget and pending not in params.stop_token_ids:
+    done = emit(pending, full_depth)
+    while not done:
         k = min(params.num_draft, budget - len(out.token_ids))
         base = engine.length(0)  # position of ``pending``
         drafts, draft_probs, feed = [], [], pending
@@ -82,16 +108,9 @@ def generate_self_speculative(model: torch.nn.Module, prompt: Sequence[int], par
         tokens, accepted = _accept(drafts, draft_probs, verify.final_logits, params, generator)
         engine.truncate(0, base + 1 + accepted)
         for j, token in enumerate(tokens):
-            out.token_ids.append(token)
-            out.exit_layers.append(depth if j < accepted else model.ee_config.num_layers)
-            if token in params.stop_token_ids or len(out.token_ids) >= budget:
+            done = emit(token, depth if j < accepted else full_depth)
+            if done:
                 break
         pending = out.token_ids[-1]
-    out.token_ids, out.exit_layers = out.token_ids[:budget], out.exit_layers[:budget]
-    stopped = out.token_ids[-1] in params.stop_token_ids
-    if stopped:
-        cut = next(i for i, t in enumerate(out.token_ids) if t in params.stop_token_ids) + 1
-        out.token_ids, out.exit_layers = out.token_ids[:cut], out.exit_layers[:cut]
-    out.finish_reason = "stop" if stopped else ("length" if budget == params.max_tokens else "context")
     out.seconds = time.perf_counter() - started
     return out

@@ -233,6 +233,30 @@ def test_clients_that_go_away_and_shutdown(model):
         service.submit(Job([1], GenerationParams(max_tokens=2)), late)
 
 
+def test_a_slow_client_does_not_stall_decoding(model):
+    """Sends happen on the responder thread: decoding runs ahead while a sink is slow (Triton's send is a round trip)."""
+    import time
+
+    service = DecodeService(model, CharTokenizer(), max_inflight=2).start()
+    seen_tokens, slow = [], Collector()
+
+    def sluggish(update):
+        time.sleep(0.5 if not slow.updates else 0.0)
+        seen_tokens.append(service.stats["tokens"])  # tokens decoded by the time this send returns
+        slow(update)
+
+    params = GenerationParams(max_tokens=12, threshold=0.3)
+    try:
+        service.submit(Job([1, 2, 3], params, stream=True), sluggish)
+        assert slow.done.wait(60)
+    finally:
+        service.stop()
+    ref = alone(model, [1, 2, 3], params)
+    assert [t for u in slow.updates for t in u.token_ids] == ref.token_ids  # in order, none lost
+    assert seen_tokens[0] == len(ref.token_ids) == 12  # all decoded while the first send was still waiting
+    assert service.stats["responder_sent"] == 12
+
+
 def test_stop_answers_pending_requests(model):
     service = DecodeService(model, CharTokenizer())  # never started: everything stays queued
     sink = Collector()

@@ -254,6 +254,9 @@ def test_self_speculative_and_full_equal_full_greedy(server, local, prompts):
         assert (spec.text, spec.output_ids) == (full.text, full.output_ids) == (full_text, full_ids)
         assert set(full.exit_layers) == {4} and set(spec.exit_layers) <= {1, 4}
         assert spec.exit_layers == reference(local, text, 10, decode_mode="self_speculative")[2]
+        streamed = client.generate_grpc(server.grpc_url, NAME, text, 10, decode_mode="self_speculative", stream=True)
+        assert [c.token_ids for c in streamed.chunks] == [[t] for t in spec.output_ids]  # one response per token
+        assert (streamed.text, streamed.exit_layers) == (spec.text, spec.exit_layers)
 
 
 def test_a_client_that_leaves_mid_stream(server, local, prompts):

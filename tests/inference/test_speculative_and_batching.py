@@ -30,6 +30,31 @@ def test_self_speculative_stop_token(rope_model, prompts):
     assert spec.token_ids == full.token_ids[:full.token_ids.index(stop) + 1] and spec.finish_reason == "stop"
 
 
+def test_self_speculative_reports_each_token_as_it_is_final(rope_model, prompts, monkeypatch):
+    from nemo_ee.inference import speculative
+    from nemo_ee.inference.engine import EarlyExitEngine
+
+    steps = []
+    real_step = EarlyExitEngine.step
+    monkeypatch.setattr(EarlyExitEngine, "step", lambda self, *a, **k: steps.append(1) or real_step(self, *a, **k))
+    params = GenerationParams(max_tokens=20, decode_mode="self_speculative", draft_exit=2, num_draft=4)
+    calls = []
+    gen = speculative.generate_self_speculative(
+        rope_model, prompts[0], params, on_token=lambda *call: calls.append(call + (len(steps),)))
+    assert [(t, d) for t, d, _, _, _ in calls] == list(zip(gen.token_ids, gen.exit_layers))
+    assert [f for _, _, f, _, _ in calls] == [False] * (len(calls) - 1) + [True]
+    assert [r for _, _, _, r, _ in calls] == [""] * (len(calls) - 1) + ["length"] and gen.finish_reason == "length"
+    # streamed as they are decided: the first token right after prefill, then after each verify (1 + 5k steps)
+    seen = [n for *_, n in calls]
+    assert seen[0] == 1 and seen == sorted(seen) and seen[-1] == len(steps)
+    assert all(n % (params.num_draft + 1) == 1 for n in seen[1:-1]), seen
+    # a callback that answers False stops the generation after that token
+    kept = []
+    stopped = speculative.generate_self_speculative(rope_model, prompts[0], params,
+                                                    on_token=lambda t, *_: kept.append(t) or len(kept) < 5)
+    assert stopped.token_ids == gen.token_ids[:5] and stopped.finish_reason == "cancelled"
+
+
 def test_rejection_sampling_keeps_the_target_distribution():
     from nemo_ee.inference.sampling import probabilities
 

@@ -11,7 +11,9 @@ Three layers, so that everything but the last is testable without Triton:
   ``self_speculative`` requests cannot share a batch (one sequence drafts and verifies alone): they wait in
   a FIFO and the loop runs one of them to completion with
   :func:`~nemo_ee.inference.speculative.generate_self_speculative` between two steps of the batch. While it
-  runs, the batch pauses; its tokens are sent when it ends (streamed one response per token, in a burst);
+  runs, the batch pauses; its tokens stream as each verify step makes them final. Responses are sent by the
+  service's :class:`~nemo_ee.deploy.triton.service.Responder` thread, so decoding never waits for Triton's
+  response round trip, and it polls the requests' cancellation flags;
 - :class:`TritonBackend` (here): what the repository's ``model.py`` delegates to. ``triton_python_backend_utils``
   (``pb_utils``) exists only inside Triton's Python stub, so model.py passes it in.
 
