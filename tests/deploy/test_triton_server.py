@@ -267,6 +267,25 @@ def test_a_client_that_leaves_mid_stream(server, local, prompts):
     assert answer(client.generate_grpc(server.grpc_url, NAME, prompts[4], 5)) == reference(local, prompts[4], 5)
 
 
+def test_one_session_many_requests(server, local, prompts):
+    """A kept connection: answers in turn, an error response and a request left mid-stream do not spoil it."""
+    with client.GrpcSession(server.grpc_url) as session:
+        for i, text in enumerate(prompts[:3]):
+            got = client.generate_grpc(server.grpc_url, NAME, text, 5 + i, stream=i % 2 == 0, session=session)
+            assert answer(got) == reference(local, text, 5 + i)
+        opened = session._client
+        with pytest.raises(RequestError, match=r"max_tokens=0 must be >= 1"):
+            client.generate_grpc(server.grpc_url, NAME, prompts[0], 0, session=session)
+        got = client.generate_grpc(server.grpc_url, NAME, prompts[3], 6, stream=True, session=session)
+        assert answer(got) == reference(local, prompts[3], 6) and session._client is opened  # same stream
+        responses = session.stream(NAME, client.request_arrays(prompts[2], 30, True, end_id=-1))
+        assert len(next(responses).token_ids) == 1
+        responses.close()  # cancels that request: the stream is closed, the next request opens another
+        assert session._client is None
+        got = client.generate_grpc(server.grpc_url, NAME, prompts[4], 7, session=session)
+        assert answer(got) == reference(local, prompts[4], 7)
+
+
 def test_query_script(server, local, prompts, capsys):
     from nemo_ee.deploy.triton.cli import query_main
 

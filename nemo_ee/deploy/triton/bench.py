@@ -4,8 +4,10 @@ In-process, the model is driven the way the Triton backend drives it: one
 :class:`~nemo_ee.inference.scheduler.ContinuousBatcher` with the server's ``max_inflight`` rows, fed by a
 closed loop that keeps ``c`` requests in flight (a finished request is replaced by the next prompt at the
 next token boundary), as ``c`` clients that each send their next request when the last one returns.
-Through Triton, ``c`` client threads do exactly that with :func:`nemo_ee.deploy.triton.client.generate`
-(gRPC stream; by default one response per token) against a server this module starts and stops.
+Through Triton, ``c`` client threads do exactly that with :func:`nemo_ee.deploy.triton.client.generate_grpc`
+(gRPC stream; by default one response per token) against a server this module starts and stops; each client
+keeps one connection and stream (:class:`~nemo_ee.deploy.triton.client.GrpcSession`) for all its requests, as
+a real load generator does; the connection is opened at the start of the pass (inside the timed region).
 Sequential batch-1 :func:`~nemo_ee.inference.generate.generate` is measured too; its outputs are the
 reference answers. Greedy, no stop token (``end_id=-1``): every request generates ``max_tokens`` tokens.
 
@@ -169,25 +171,28 @@ def triton_round(url: str, texts: Sequence[str], max_tokens: int, concurrency: i
         todo.put(i)
     lock = threading.Lock()
 
-    def work() -> None:
-        while True:
-            try:
-                i = todo.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                res = client.generate(url, model, texts[i], max_tokens, protocol="grpc", stream=stream,
-                                      timeout=timeout, end_id=-1)
-            except Exception as err:  # an error response, a broken stream, a timeout: the request is lost
+    def work(session: Any) -> None:
+        with session:
+            while True:
+                try:
+                    i = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    res = client.generate_grpc(url, model, texts[i], max_tokens, stream=stream, timeout=timeout,
+                                               session=session, end_id=-1)
+                except Exception as err:  # an error response, a broken stream, a timeout: the request is lost
+                    with lock:
+                        out.errors[i] = f"{type(err).__name__}: {err}"
+                    continue
                 with lock:
-                    out.errors[i] = f"{type(err).__name__}: {err}"
-                continue
-            with lock:
-                out.outputs[i] = (list(res.output_ids), list(res.exit_layers))
-                out.latencies.append(res.seconds)
-                out.first.append(res.first_seconds)
+                    out.outputs[i] = (list(res.output_ids), list(res.exit_layers))
+                    out.latencies.append(res.seconds)
+                    out.first.append(res.first_seconds)
 
-    threads = [threading.Thread(target=work, name=f"bench-client-{k}", daemon=True) for k in range(concurrency)]
+    sessions = [client.GrpcSession(url) for _ in range(concurrency)]  # each client keeps its connection
+    threads = [threading.Thread(target=work, args=(sessions[k],), name=f"bench-client-{k}", daemon=True)
+               for k in range(concurrency)]
     begin = time.perf_counter()
     for thread in threads:
         thread.start()

@@ -108,57 +108,106 @@ def _message(error: Any) -> str:
     return error.message() if callable(getattr(error, "message", None)) else str(error)
 
 
-def stream_grpc(url: str, model: str, arrays: dict, timeout: float = 120.0) -> Iterator[Chunk]:
-    """Send one request over a gRPC stream and yield its responses until the final one.
+class GrpcSession:
+    """One gRPC connection and bidirectional stream, reused for many requests sent one at a time.
 
-    Raises :class:`RequestError` with the server's message for an error response, TimeoutError when no
-    response comes within ``timeout`` seconds of the previous one.
+    What a client that keeps its connection does (a load generator, a chat front end): no channel set-up
+    per request. One request is in flight at a time, so every response on the stream, an error response
+    included, belongs to it. A request left before its final response (the iterator closed, a timeout)
+    cancels it by closing the stream; the next request opens a new one. A context manager.
     """
-    import tritonclient.grpc as grpcclient
 
-    responses: "queue.Queue[tuple]" = queue.Queue()
-    client = grpcclient.InferenceServerClient(url)
-    finished = False
-    try:
-        client.start_stream(callback=lambda result=None, error=None: responses.put((result, error)))
-        try:
-            client.async_stream_infer(model, _grpc_inputs(arrays), request_id=f"ee-{next(_ids)}",
-                                      enable_empty_final_response=True)
-        except Exception as err:  # the stream broke before the request left (e.g. no server): the cause is queued
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._client: Any = None
+        self._responses: "queue.Queue[tuple]" = queue.Queue()
+
+    def _open(self) -> None:
+        import tritonclient.grpc as grpcclient
+
+        self._responses = queue.Queue()
+        responses = self._responses
+        self._client = grpcclient.InferenceServerClient(self.url)
+        self._client.start_stream(callback=lambda result=None, error=None: responses.put((result, error)))
+
+    def close(self, cancel: bool = True) -> None:
+        """Close the stream (``cancel``: cancel a request still running on it) and the connection."""
+        client, self._client = self._client, None
+        if client is not None:
             try:
-                err = responses.get(timeout=5)[1] or err
-            except queue.Empty:
-                pass
-            finished = True
-            raise ConnectionError(f"cannot stream to {url}: {_message(err)}") from None
-        while not finished:
-            try:
-                result, error = responses.get(timeout=timeout)
-            except queue.Empty:
-                raise TimeoutError(f"no response from {url} within {timeout:.0f}s") from None
-            if error is not None:
-                finished = True
-                if "UNAVAILABLE" in str(getattr(error, "status", lambda: "")()):  # gRPC: nobody listening there
-                    raise ConnectionError(f"cannot reach a Triton server at {url} (grpc): {_message(error)}")
-                raise RequestError(_message(error))
-            final = result.get_response().parameters.get("triton_final_response")
-            finished = bool(final is not None and final.bool_param)
-            chunk = _chunk(result)
-            if chunk is not None:
-                yield chunk
-    finally:
+                client.stop_stream(cancel_requests=cancel)
+            finally:
+                client.close()
+
+    def __enter__(self) -> "GrpcSession":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def stream(self, model: str, arrays: dict, timeout: float = 120.0) -> Iterator[Chunk]:
+        """Send one request and yield its responses until the final one.
+
+        Raises :class:`RequestError` with the server's message for an error response, ConnectionError when
+        the server cannot be reached, TimeoutError when no response comes within ``timeout`` seconds of the
+        previous one.
+        """
+        if self._client is None:
+            self._open()
+        responses, finished, usable = self._responses, False, True
         try:
-            client.stop_stream(cancel_requests=not finished)
+            try:
+                self._client.async_stream_infer(model, _grpc_inputs(arrays), request_id=f"ee-{next(_ids)}",
+                                                enable_empty_final_response=True)
+            except Exception as err:  # the stream broke before the request left (e.g. no server): the cause is queued
+                try:
+                    err = responses.get(timeout=5)[1] or err
+                except queue.Empty:
+                    pass
+                finished, usable = True, False
+                raise ConnectionError(f"cannot stream to {self.url}: {_message(err)}") from None
+            while not finished:
+                try:
+                    result, error = responses.get(timeout=timeout)
+                except queue.Empty:
+                    raise TimeoutError(f"no response from {self.url} within {timeout:.0f}s") from None
+                if error is not None:
+                    finished = True
+                    if "UNAVAILABLE" in str(getattr(error, "status", lambda: "")()):  # gRPC: nobody listening there
+                        usable = False
+                        raise ConnectionError(f"cannot reach a Triton server at {self.url} (grpc): {_message(error)}")
+                    usable = bool(getattr(self._client._stream, "_active", True))
+                    raise RequestError(_message(error))
+                final = result.get_response().parameters.get("triton_final_response")
+                finished = bool(final is not None and final.bool_param)
+                chunk = _chunk(result)
+                if chunk is not None:
+                    yield chunk
         finally:
-            client.close()
+            if not (finished and usable):
+                self.close(cancel=not finished)
+
+
+def stream_grpc(url: str, model: str, arrays: dict, timeout: float = 120.0) -> Iterator[Chunk]:
+    """Send one request over a gRPC stream of its own and yield its responses until the final one.
+
+    Errors as :meth:`GrpcSession.stream`; the connection is closed at the end (leaving early cancels the request).
+    """
+    with GrpcSession(url) as session:
+        yield from session.stream(model, arrays, timeout)
 
 
 def generate_grpc(url: str, model: str, text: Any, max_tokens: Any, stream: bool = False,
                   timeout: float = 120.0, on_chunk: Optional[Callable[[Chunk], None]] = None,
-                  **options: Any) -> Result:
-    """One generation over gRPC (``stream``: one response per token; ``on_chunk`` sees each as it arrives)."""
+                  session: Optional[GrpcSession] = None, **options: Any) -> Result:
+    """One generation over gRPC (``stream``: one response per token; ``on_chunk`` sees each as it arrives).
+
+    ``session``: send it on that connection (kept open after); else on a connection of its own.
+    """
+    arrays = request_arrays(text, max_tokens, stream, **options)
+    responses = session.stream(model, arrays, timeout) if session is not None else stream_grpc(url, model, arrays, timeout)
     started, first, chunks = time.perf_counter(), None, []
-    for chunk in stream_grpc(url, model, request_arrays(text, max_tokens, stream, **options), timeout):
+    for chunk in responses:
         first = first or time.perf_counter()
         chunks.append(chunk)
         if on_chunk is not None:
