@@ -70,8 +70,14 @@ def test_dist_load_reads_only_up_to_the_last_exit_and_tuning_matches_eetuner(ful
         got = tuner.step(split_microbatches(b, 1))  # 4 micro-batches of one sample
         assert got.keys() == a.keys() and all(got[i] == pytest.approx(a[i], rel=1e-5) for i in a)
     tuned = gather_exit_state(stage)
+    # The two sides sum the 4 samples' gradients in another order; AdamW turns that rounding noise into parameter
+    # differences where an element's gradient changes sign between steps (m small against sqrt(v)). Measured: up to
+    # 1.3e-5 on the llama-like exit MLPs (the machine's CPU kernels decide), i.e. 3e-4 of the 4 x lr an element can
+    # move. The bound is 1e-3 of that distance; a real difference (a missing micro-batch, a wrong loss weight) moves
+    # elements by a good part of lr.
+    bound = 1e-3 * 1e-2 * 4
     for key, value in tuned.items():
-        assert float((value - own[key]).abs().max()) <= 1e-5, key  # `own` holds the EETuner's (live) tensors
+        assert float((value - own[key]).abs().max()) <= bound, key  # `own` holds the EETuner's (live) tensors
 
 
 def test_dist_load_rejects_other_exits(full_and_ckpt):
