@@ -66,21 +66,28 @@ class EarlyExitEngine:
         heads, groups = attn.num_attention_heads_per_partition, attn.num_query_groups_per_partition
         head_dim = attn.hidden_size_per_attention_head
         dtype = next(model.parameters()).dtype
-        self.cache = KVCache(self.attention, batch_size, capacity, groups, head_dim, dtype)
+        self.device = next(model.parameters()).device  # caches and indices live with the weights (CPU or GPU)
+        self.cache = KVCache(self.attention, batch_size, capacity, groups, head_dim, dtype, device=self.device)
         self.cores = {
             slot: CachedCoreAttention(self.cache, slot, heads, groups, head_dim, model.config.softmax_scale)
             for slot in self.attention
         }
         hidden = model.config.hidden_size
         self.dtype = dtype
-        self.points = {p: torch.zeros(capacity, batch_size, hidden, dtype=dtype)
+        self.points = {p: torch.zeros(capacity, batch_size, hidden, dtype=dtype, device=self.device)
                        for p in range(offset, offset + len(model.decoder.layers) + 1)}
         self.produced = [[0] * batch_size for _ in range(self.num_layers + 1)]
         self.rope = None
         if ee.position_embedding_type == "rope":
-            self.rope = model.rotary_pos_emb(capacity)[:, 0, 0, :]  # [capacity, rot_dim]
+            self.rope = model.rotary_pos_emb(capacity)[:, 0, 0, :].to(self.device)  # [capacity, rot_dim]
         self.shared_weight = model.shared_embedding_or_output_weight() if (
             ee.share_embeddings_and_output_weights or ee.tie_exit_output) else None
+
+    def _ints(self, values) -> torch.Tensor:
+        """An int64 tensor on the model's device (every index the engine builds goes through here)."""
+        if isinstance(values, range):
+            return torch.arange(values.start, values.stop, dtype=torch.long, device=self.device)
+        return torch.tensor(values, dtype=torch.long, device=self.device)
 
     # ------------------------------------------------------------------ bookkeeping
     def length(self, row: int) -> int:
@@ -121,10 +128,10 @@ class EarlyExitEngine:
         ends = [self.produced[src][r] for r in rows]
         counts = [e - s for s, e in zip(starts, ends)]
         n = max(counts)
-        steps = torch.arange(n).unsqueeze(1)
-        positions = torch.tensor(starts).unsqueeze(0) + steps           # [n, R]
-        valid = steps < torch.tensor(counts).unsqueeze(0)
-        rows_t = torch.tensor(rows)
+        steps = self._ints(range(n)).unsqueeze(1)
+        positions = self._ints(starts).unsqueeze(0) + steps             # [n, R]
+        valid = steps < self._ints(counts).unsqueeze(0)
+        rows_t = self._ints(rows)
         columns = rows_t.unsqueeze(0).expand(n, len(rows))
         clamped = positions.clamp(max=self.capacity - 1)
         x = self.points[src][clamped, columns]                          # [n, R, h]
@@ -144,8 +151,8 @@ class EarlyExitEngine:
 
     def _last(self, point: int, rows: list[int]) -> torch.Tensor:
         """Hidden states [R, h] at ``point`` of each row's last position."""
-        last = torch.tensor([self.produced[point][r] - 1 for r in rows])
-        return self.points[point][last, torch.tensor(rows)]
+        last = self._ints([self.produced[point][r] - 1 for r in rows])
+        return self.points[point][last, self._ints(rows)]
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -189,11 +196,11 @@ class EarlyExitEngine:
         starts = [self.produced[0][r] for r in rows]
         if max(s + c for s, c in zip(starts, counts)) > self.capacity:
             raise ValueError(f"a row would pass the cache capacity of {self.capacity} positions")
-        ids = torch.tensor([list(t) + [0] * (n - len(t)) for t in tokens])
-        positions = torch.tensor(starts).unsqueeze(1) + torch.arange(n).unsqueeze(0)   # [R, n]
+        ids = self._ints([list(t) + [0] * (n - len(t)) for t in tokens])
+        positions = self._ints(starts).unsqueeze(1) + self._ints(range(n)).unsqueeze(0)   # [R, n]
         emb = self.model.embedding(input_ids=ids, position_ids=positions.clamp(max=self.capacity - 1))
-        valid = torch.arange(n).unsqueeze(0) < torch.tensor(counts).unsqueeze(1)          # [R, n]
-        columns = torch.tensor(rows).unsqueeze(1).expand(len(rows), n)
+        valid = self._ints(range(n)).unsqueeze(0) < self._ints(counts).unsqueeze(1)      # [R, n]
+        columns = self._ints(rows).unsqueeze(1).expand(len(rows), n)
         self.points[0][positions[valid], columns[valid]] = emb.transpose(0, 1)[valid].to(self.dtype)
         for r, s, c in zip(rows, starts, counts):
             self.produced[0][r] = s + c
@@ -205,7 +212,7 @@ class EarlyExitEngine:
         head = self.model.exits[str(index)]
         if head.block is not None:
             out, counts = self._advance(("exit", index), point, candidates, out_point=None)
-            hidden = out[torch.tensor(counts) - 1, torch.arange(len(candidates))]
+            hidden = out[self._ints(counts) - 1, self._ints(range(len(candidates)))]
         else:
             hidden = self._last(point, candidates)
         logits = self._project(head.output_layer, head.tail(hidden.unsqueeze(0)), head.tied)[0]
@@ -227,7 +234,7 @@ class EarlyExitEngine:
             results[r] = RowResult(None, L, logits[j])
             start = full_of[r]
             if start is not None:
-                pos = torch.arange(start, self.produced[L][r])
+                pos = self._ints(range(start, self.produced[L][r]))
                 h = self.points[L][pos, torch.full_like(pos, r)]
                 results[r].final_logits = self._project(
                     self.model.output_layer, norm(h.unsqueeze(1)), self.ee.share_embeddings_and_output_weights

@@ -95,10 +95,10 @@ class ExitRule:
     def fires(self, logits: torch.Tensor, exit_index: Optional[int] = None) -> torch.Tensor:
         """Bool per row of ``logits`` [..., vocab]: does the token leave at exit ``exit_index``?"""
         if self.forced is not None:
-            return torch.ones(logits.shape[:-1], dtype=torch.bool)
+            return torch.ones(logits.shape[:-1], dtype=torch.bool, device=logits.device)
         threshold = self.threshold if exit_index is None else self.threshold_at(exit_index)
         if threshold is None:
-            return torch.zeros(logits.shape[:-1], dtype=torch.bool)
+            return torch.zeros(logits.shape[:-1], dtype=torch.bool, device=logits.device)
         stat = confidence(self.policy, logits)
         return stat <= threshold if self.policy == "entropy" else stat >= threshold
 

@@ -52,7 +52,7 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """One token id from ``logits`` [vocab]."""
+    """One token id from ``logits`` [vocab] (drawn on the CPU, where the request's generator lives)."""
     if params.greedy:
         return int(logits.argmax())
-    return int(torch.multinomial(probabilities(logits, params), 1, generator=generator))
+    return int(torch.multinomial(probabilities(logits.cpu(), params), 1, generator=generator))

@@ -41,10 +41,10 @@ def _accept(draft_tokens, draft_probs, final_logits, params, generator) -> tuple
         while n < len(draft_tokens) and draft_tokens[n] == target[n]:
             n += 1
         return draft_tokens[:n] + [target[n]], n
-    target = probabilities(final_logits, sampling)
+    target = probabilities(final_logits.cpu(), sampling)  # drafts' probabilities and the generator are on the CPU
     for n, (token, q) in enumerate(zip(draft_tokens, draft_probs)):
         p = target[n]
-        if float(torch.rand((), generator=generator)) * float(q[token]) > float(p[token]):
+        if float(torch.rand((), generator=generator, device=generator.device)) * float(q[token]) > float(p[token]):
             residual = (p - q).clamp_min(0.0)
             residual = residual / residual.sum() if float(residual.sum()) > 0 else p
             return draft_tokens[:n] + [int(torch.multinomial(residual, 1, generator=generator))], n
@@ -103,7 +103,7 @@ def generate_self_speculative(model: torch.nn.Module, prompt: Sequence[int], par
             res = engine.step([0], [[feed]], [draft_rule])[0]
             feed = sample(res.logits, sampling, generator)
             drafts.append(feed)
-            draft_probs.append(probabilities(res.logits, sampling))
+            draft_probs.append(probabilities(res.logits.cpu(), sampling))
         verify = engine.step([0], [[feed]], [full_rule], final_from=[base])[0]
         tokens, accepted = _accept(drafts, draft_probs, verify.final_logits, params, generator)
         engine.truncate(0, base + 1 + accepted)

@@ -115,3 +115,33 @@ def test_per_exit_thresholds(rope_model, prompts):
         GenerationParams(exit_thresholds={7: 0.5}).rule([1, 2, 3])
     with pytest.raises(ValueError, match="early_exit_threshold -1 is outside the range of 'max_prob'"):
         GenerationParams(exit_thresholds={1: -1}).rule([1, 2, 3])
+
+
+@pytest.mark.parametrize("which", ["rope_model", "gpt2_model"])
+def test_every_tensor_the_decoder_makes_is_on_the_models_device(which, prompts, request):
+    """With torch's default device set to "meta", a tensor made without ``device=`` is a meta tensor and any op
+    mixing it with the model's fails: decoding that still gives the same tokens places everything on the model's
+    device explicitly, as a model on a GPU needs (no GPU here to run one)."""
+    from nemo_ee.inference.scheduler import ContinuousBatcher
+
+    model = request.getfixturevalue(which)
+    cases = [GenerationParams(max_tokens=10, threshold=0.3), GenerationParams(max_tokens=10, exit_policy="entropy",
+             threshold=3.0, temperature=0.8, top_k=20, top_p=0.9, seed=3),
+             GenerationParams(max_tokens=10, decode_mode="self_speculative", num_draft=3),
+             GenerationParams(max_tokens=10, decode_mode="self_speculative", num_draft=2, temperature=1.0, seed=2)]
+
+    def decode():
+        outs = [(g.token_ids, g.exit_layers) for params in cases for g in generate(model, prompts[:3], params)]
+        batcher = ContinuousBatcher(model, 2)
+        ids = [batcher.submit(p, cases[i % 2]) for i, p in enumerate(prompts[:3])]
+        while batcher.busy:
+            batcher.step()
+        return outs + [batcher.result(i).token_ids for i in ids]
+
+    want = decode()
+    torch.set_default_device("meta")
+    try:
+        got = decode()
+    finally:
+        torch.set_default_device(None)
+    assert got == want

@@ -23,7 +23,7 @@ dependencies must be installed into that Python; the ``python_path`` parameter w
 machine's venv and is skipped when those directories do not exist. Export with the checkpoint copied (the
 default) so the repository is self-contained, then::
 
-    docker run --rm --shm-size=1g -p8000:8000 -p8001:8001 \\
+    docker run --rm --shm-size=1g -p8000:8000 -p8001:8001 -e CUDA_VISIBLE_DEVICES= \\
         -v $PWD/triton_repo:/models -v $PWD:/opt/nemo_ee \\
         nvcr.io/nvidia/tritonserver:24.10-py3 bash -c \\
         "pip install torch==2.13.0 && pip install /opt/nemo_ee && \\
@@ -32,9 +32,16 @@ default) so the repository is self-contained, then::
 or bake the install into a custom image (``FROM nvcr.io/nvidia/tritonserver:24.10-py3``, ``COPY . /opt/nemo_ee``,
 ``RUN pip install torch==2.13.0 && pip install /opt/nemo_ee``) and run ``tritonserver --model-repository=/models``
 in it. ``--shm-size`` matters: the Python backend exchanges tensors through /dev/shm (Docker's default is 64 MB).
-Add ``--gpus all`` for a GPU, but note that the backend decodes on the CPU today: ``instance_group`` is
-``KIND_CPU`` and the decoder (nemo_ee.inference) keeps its caches on the CPU; serving on the GPU needs the
-decoder to place them on the model's device first.
+What runs where: ``load_nemo_for_inference`` restores the model onto the CPU (NeMo's ``map_location="cpu"``)
+and the backend decodes there; ``instance_group`` is ``KIND_CPU``. This CPU path is the one tested here. In a
+container started with ``--gpus all``, CUDA is present, so nemo_ee's CPU shim for megatron-core stays off and
+megatron-core builds its modules for CUDA before they are moved to the CPU; that mix is untested. Until it is,
+start the container with ``-e CUDA_VISIBLE_DEVICES=`` (or without ``--gpus``): the backend then runs exactly
+the tested CPU path. GPU decoding is prepared but not done: the decoder (nemo_ee.inference) puts its KV
+cache, hidden-state buffers and indices on the model's device and samples on the CPU with each request's
+seeded generator (checked by decoding under ``torch.set_default_device("meta")``, which gives the same
+tokens only when no tensor is made without an explicit device); what is missing is loading the model onto
+the GPU, then a run on one.
 """
 from __future__ import annotations
 
