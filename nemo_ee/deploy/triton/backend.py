@@ -157,8 +157,9 @@ class TritonBackend:
             pb.Tensor("text_output", np.array([[update.text.encode("utf-8")]], dtype=np.object_)),
             pb.Tensor("output_ids", np.array([update.token_ids], dtype=np.int32)),
             pb.Tensor("exit_layers", np.array([update.exit_layers], dtype=np.int32)),
-            pb.Tensor("finish_reason", np.array([[update.finish_reason.encode("utf-8")]], dtype=np.object_)),
         ]
+        if update.finished:  # the reason only comes with the last response (one tensor less per streamed token)
+            tensors.append(pb.Tensor("finish_reason", np.array([[update.finish_reason.encode("utf-8")]], dtype=np.object_)))
         sender.send(pb.InferenceResponse(output_tensors=tensors),
                     flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if update.finished else 0)
 

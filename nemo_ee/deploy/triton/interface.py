@@ -48,7 +48,7 @@ OUTPUTS = (
     TensorSpec("text_output", "BYTES", dims=(-1,), doc="generated text (stream: the text this token adds)"),
     TensorSpec("output_ids", "INT32", dims=(-1,), doc="generated token ids (stream: this token)"),
     TensorSpec("exit_layers", "INT32", dims=(-1,), doc="per token, the backbone layers it ran (its exit)"),
-    TensorSpec("finish_reason", "BYTES", dims=(1,), doc="stop | length | context ('' until the last response)"),
+    TensorSpec("finish_reason", "BYTES", dims=(1,), doc="stop | length | context (only in the last response)"),
 )
 
 INPUT_BY_NAME = {spec.name: spec for spec in INPUTS}

@@ -80,7 +80,7 @@ class Responder:
 
     def __init__(self, poll_seconds: float = 0.25) -> None:
         self.poll_seconds = float(poll_seconds)
-        self._queue: "queue.SimpleQueue[Optional[tuple]]" = queue.SimpleQueue()
+        self._queue: "queue.SimpleQueue[Optional[list]]" = queue.SimpleQueue()
         self._watched: dict[int, _Live] = {}  # id(live) -> live: unfinished requests with a cancellation flag
         self._lock = threading.Lock()
         self._poll_soon = False
@@ -102,10 +102,17 @@ class Responder:
 
     def put(self, live: _Live, update: Update) -> None:
         """Queue ``update`` for ``live`` (sent by this thread; sent at once when the thread is not running)."""
+        self.put_all([(live, update)])
+
+    def put_all(self, items: list) -> None:
+        """Queue ``(live, update)`` pairs in order, as one item: one wake-up of this thread per decode step."""
+        if not items:
+            return
         if self._thread is None:
-            self._send(live, update)
+            for live, update in items:
+                self._send(live, update)
         else:
-            self._queue.put((live, update))
+            self._queue.put(items)
 
     def close(self, timeout: float = 10.0) -> None:
         """Send what is queued, then stop the thread."""
@@ -120,11 +127,11 @@ class Responder:
             try:
                 item = self._queue.get(timeout=max(0.0, next_poll - time.monotonic()))
             except queue.Empty:
-                item = ()
+                item = []
             if item is None:
                 return
-            if item:
-                self._send(*item)
+            for live, update in item:
+                self._send(live, update)
             if self._poll_soon or time.monotonic() >= next_poll:
                 self._poll_soon = False
                 self._poll()
@@ -282,6 +289,7 @@ class DecodeService:
         if rows > self.stats["max_rows"]:
             self.stats["max_rows"] = rows
             log.info("in-flight batch: %d sequences decoded together (a new peak)", rows)
+        outgoing = []
         for event in events:
             live = self._live.get(event.request_id)
             if live is None:
@@ -292,7 +300,8 @@ class DecodeService:
                 self._batcher.result(event.request_id)
                 del self._live[event.request_id]
             if update is not None:
-                self._deliver(live, update)
+                outgoing.append((live, update))
+        self._responder.put_all(outgoing)
 
     def _run_speculative(self, item: tuple) -> None:
         from nemo_ee.inference.speculative import generate_self_speculative
