@@ -58,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--exit-policy", default=None, help="max_prob | entropy | top2_margin (default: calibrated, else max_prob)")
     p.add_argument("--threshold", type=float, default=None,
                    help="one threshold for every exit (default: the .nemo's calibrated ones, else 0.9)")
-    p.add_argument("--repeats", type=int, default=None, help="timed passes per side and concurrency (default 2; quick 1)")
+    p.add_argument("--repeats", type=int, default=None, help="timed passes per side and concurrency (default 3; quick 1)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads, here and in the server (default 1)")
     p.add_argument("--no-stream", dest="stream", action="store_false",
                    help="Triton answers each request with one final response instead of one per token")
@@ -66,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache-dir", default=None, help="bench_decode.py's model cache (default $NEMO_EE_CACHE or ~/.cache/nemo_ee)")
     args = p.parse_args(argv)
     for key, (full, quick) in {"prompts": (16, 8), "prompt_len": (32, 16), "max_tokens": (64, 8),
-                               "repeats": (2, 1)}.items():
+                               "repeats": (3, 1)}.items():
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else full)
     for key in ("prompts", "prompt_len", "max_tokens", "repeats", "threads"):
