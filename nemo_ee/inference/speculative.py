@@ -85,8 +85,8 @@ def generate_self_speculative(model: torch.nn.Module, prompt: Sequence[int], par
         finished = stop or len(out.token_ids) >= budget
         if finished:
             out.finish_reason = "stop" if stop else end_reason
-        if on_token is not None and on_token(token, token_depth, finished, out.finish_reason if finished else "") is False \
-                and not finished:
+        wanted = on_token is None or on_token(token, token_depth, finished, out.finish_reason if finished else "") is not False
+        if not (finished or wanted):
             out.finish_reason = "cancelled"
             return True
         return finished
