@@ -197,9 +197,10 @@ class EarlyExitEngine:
         if max(s + c for s, c in zip(starts, counts)) > self.capacity:
             raise ValueError(f"a row would pass the cache capacity of {self.capacity} positions")
         ids = self._ints([list(t) + [0] * (n - len(t)) for t in tokens])
-        positions = self._ints(starts).unsqueeze(1) + self._ints(range(n)).unsqueeze(0)   # [R, n]
+        steps = self._ints(range(n)).unsqueeze(0)
+        positions = self._ints(starts).unsqueeze(1) + steps                               # [R, n]
         emb = self.model.embedding(input_ids=ids, position_ids=positions.clamp(max=self.capacity - 1))
-        valid = self._ints(range(n)).unsqueeze(0) < self._ints(counts).unsqueeze(1)      # [R, n]
+        valid = steps < self._ints(counts).unsqueeze(1)                                   # [R, n]
         columns = self._ints(rows).unsqueeze(1).expand(len(rows), n)
         self.points[0][positions[valid], columns[valid]] = emb.transpose(0, 1)[valid].to(self.dtype)
         for r, s, c in zip(rows, starts, counts):
