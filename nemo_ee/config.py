@@ -44,6 +44,7 @@ class EarlyExitConfig:
     hidden_size: int = 256  # model width
     num_attention_heads: int = 8  # query heads
     num_query_groups: Optional[int] = None  # None = multi-head attention (no GQA)
+    kv_channels: Optional[int] = None  # per-head q/k/v width (HF head_dim); None = hidden_size / num_attention_heads
     ffn_hidden_size: Optional[int] = None  # None = 4 * hidden_size
     vocab_size: int = 8192  # padded vocabulary (>= the tokenizer's)
     seq_length: int = 256  # training window; also the decoding context
@@ -53,6 +54,7 @@ class EarlyExitConfig:
     gelu_approximate: Literal["none", "tanh"] = "none"  # F.gelu(approximate=...); "tanh" = HF gelu_new (GPT-2)
     add_bias_linear: bool = True  # biases in every linear layer
     add_qkv_bias: bool = False  # bias on q/k/v only (Qwen2)
+    qk_layernorm: bool = False  # a norm (of `normalization`'s type) over each head's query and key, before RoPE (Qwen3)
     position_embedding_type: Literal["learned_absolute", "rope"] = "learned_absolute"  # GPT-2 positions or rotary
     rotary_base: int = 10000  # RoPE theta
     rope_scaling: bool = False  # llama 3.x RoPE frequency scaling (megatron's; low/high freq 1/4, 8192 positions)
@@ -120,9 +122,19 @@ class EarlyExitConfig:
             )
         _choice("params_dtype", self.params_dtype, tuple(_DTYPES))
         _choice("transformer_impl", self.transformer_impl, ("auto", "local", "transformer_engine"))
-        if self.hidden_size % self.num_attention_heads:
+        if self.kv_channels is not None and (
+            isinstance(self.kv_channels, bool) or not isinstance(self.kv_channels, int) or self.kv_channels < 1
+        ):
+            raise ValueError(f"kv_channels={self.kv_channels!r} must be an integer >= 1 or None "
+                             "(None = hidden_size / num_attention_heads)")
+        if not isinstance(self.qk_layernorm, bool):
+            raise ValueError(f"qk_layernorm={self.qk_layernorm!r} must be true or false")
+        # Only the default head width divides the model width; an explicit kv_channels decouples the two
+        # (megatron projects hidden_size -> heads * kv_channels and back).
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
             raise ValueError(
-                f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}"
+                f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads} "
+                "(set kv_channels to give the head width explicitly)"
             )
         groups = self.num_query_groups or self.num_attention_heads
         if self.num_query_groups is not None and (groups < 1 or self.num_attention_heads % groups):
@@ -229,6 +241,11 @@ class EarlyExitConfig:
         return sorted(stages)
 
     @property
+    def head_dim(self) -> int:
+        """Per-head q/k/v width: ``kv_channels``, or hidden_size / num_attention_heads."""
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
     def ffn_size(self) -> int:
         return self.ffn_hidden_size or 4 * self.hidden_size
 
@@ -268,6 +285,8 @@ class EarlyExitConfig:
             hidden_size=self.hidden_size,
             num_attention_heads=self.num_attention_heads,
             num_query_groups=self.num_query_groups,
+            kv_channels=self.kv_channels,
+            qk_layernorm=self.qk_layernorm,
             ffn_hidden_size=self.ffn_size,
             normalization=self.normalization,
             layernorm_epsilon=self.layernorm_epsilon,
@@ -299,11 +318,14 @@ class EarlyExitConfig:
     def parameter_count(self) -> int:
         """Analytical parameter count of the whole model (all stages, TP=1), exits included."""
         h, f, v, L = self.hidden_size, self.ffn_size, self.vocab_size, self.num_layers
-        kv = (self.num_query_groups or self.num_attention_heads) * (h // self.num_attention_heads)
+        d = self.head_dim
+        q, kv = self.num_attention_heads * d, (self.num_query_groups or self.num_attention_heads) * d
         bias = self.add_bias_linear
-        norm = 2 * h if self.normalization == "LayerNorm" else h
+        layernorm = self.normalization == "LayerNorm"
+        norm = 2 * h if layernorm else h
         fc1_out = 2 * f if self.activation == "swiglu" else f
-        attn = h * (h + 2 * kv) + (h + 2 * kv) * (bias or self.add_qkv_bias) + h * h + h * bias
+        qk_norm = 2 * (2 * d if layernorm else d) * self.qk_layernorm  # one norm of width d each for q and k
+        attn = h * (q + 2 * kv) + (q + 2 * kv) * (bias or self.add_qkv_bias) + q * h + h * bias + qk_norm
         mlp = h * fc1_out + fc1_out * bias + f * h + h * bias
         layer = attn + mlp + 2 * norm
         pos = self.max_positions * h if self.position_embedding_type == "learned_absolute" else 0

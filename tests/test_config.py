@@ -88,8 +88,15 @@ INVALID = {
     ),
     "hidden not divisible by heads": (
         dict(hidden_size=60),
-        "hidden_size=60 is not divisible by num_attention_heads=8",
+        "hidden_size=60 is not divisible by num_attention_heads=8 (set kv_channels to give the head width",
     ),
+    "kv_channels 0": (dict(kv_channels=0), "kv_channels=0 must be an integer >= 1 or None"),
+    "kv_channels negative": (dict(kv_channels=-8), "kv_channels=-8 must be an integer >= 1 or None"),
+    "kv_channels float": (dict(kv_channels=16.0), "kv_channels=16.0 must be an integer >= 1 or None"),
+    "kv_channels bool": (dict(kv_channels=True), "kv_channels=True must be an integer >= 1 or None"),
+    "kv_channels string": (dict(kv_channels="16"), "kv_channels='16' must be an integer >= 1 or None"),
+    "qk_layernorm string": (dict(qk_layernorm="yes"), "qk_layernorm='yes' must be true or false"),
+    "qk_layernorm int": (dict(qk_layernorm=1), "qk_layernorm=1 must be true or false"),
     "sequence parallel with TP=1": (
         dict(sequence_parallel=True),
         "sequence_parallel=True needs tensor_model_parallel_size > 1, got 1",
@@ -116,6 +123,33 @@ INVALID = {
 def test_invalid_config_raises_naming_value(overrides, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         make(**overrides)
+
+
+def test_kv_channels_decouples_head_width_from_hidden_size():
+    cfg = make(hidden_size=60, kv_channels=16)  # 60 % 8 != 0 is fine once the head width is explicit
+    assert cfg.head_dim == 16 and make().head_dim == 8
+    tc = cfg.transformer_config()
+    assert (tc.kv_channels, tc.qk_layernorm) == (16, False)
+    default = make(qk_layernorm=True).transformer_config()
+    assert (default.kv_channels, default.qk_layernorm) == (8, True)  # None: megatron's hidden / heads
+    assert EarlyExitConfig.from_dict({**BASE, "kv_channels": None, "qk_layernorm": True}).qk_layernorm is True
+
+
+def test_nemo2_kv_channels_is_imported(tmp_path):
+    """A NeMo-2 model.yaml's kv_channels other than hidden / heads is kept (None or the default is left out)."""
+    import yaml
+
+    from nemo_ee.checkpoint.megatron_arch import arch_from_nemo2
+
+    def arch(**changes):
+        config = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "gated_linear_unit": True,
+                  "activation_func": "torch.nn.functional.silu", **changes}
+        (tmp_path / "model.yaml").write_text(yaml.safe_dump({"config": config}))
+        return arch_from_nemo2(tmp_path / "model.yaml")
+
+    assert arch(kv_channels=24)["kv_channels"] == 24
+    assert "kv_channels" not in arch(kv_channels=16) and "kv_channels" not in arch(kv_channels=None)
+    assert EarlyExitConfig(**{**arch(kv_channels=24), "vocab_size": 64, "seq_length": 16}).head_dim == 24
 
 
 def test_from_dict_rejects_unknown_key():
@@ -260,6 +294,15 @@ CASES = {
     "tied-exit-mlp-block": dict(**GPT2_STYLE, exit_layer_nums=[2], tie_exit_output=True, exit_mlp=True, exit_block=True),
     "pre-exits": dict(**GPT2_STYLE, exit_layer_nums=[1, 4], exit_position="pre", exit_mlp=True),
     "pre-exits-llama": dict(**LLAMA_STYLE, exit_layer_nums=[1, 3], exit_position="pre", exit_block=True),
+    # head width != hidden / heads (megatron kv_channels), per-head q/k norms (qk_layernorm), in exit blocks too
+    "kv-channels-wide-gqa": dict(**LLAMA_STYLE, kv_channels=12, num_query_groups=2, exit_layer_nums=[2],
+                                 exit_block=True),
+    "kv-channels-hidden-30": dict(**LLAMA_STYLE, hidden_size=30, kv_channels=8, exit_layer_nums=[1], exit_mlp=True),
+    "kv-channels-bias": dict(**GPT2_STYLE, kv_channels=4, exit_layer_nums=[1]),
+    "qk-layernorm-rmsnorm": dict(**LLAMA_STYLE, qk_layernorm=True, kv_channels=12, exit_layer_nums=[1, 3],
+                                 exit_block=True),
+    "qk-layernorm-layernorm": dict(**GPT2_STYLE, qk_layernorm=True, exit_layer_nums=[2], exit_block=True,
+                                   tie_exit_output=True),
 }
 for _style, _backbone in (("gpt2", GPT2_STYLE), ("llama", LLAMA_STYLE)):
     for _head, _flags in HEADS.items():

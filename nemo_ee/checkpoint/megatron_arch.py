@@ -142,9 +142,8 @@ def arch_from_nemo2(model_yaml: str | Path) -> dict:
     if groups is not None and groups != heads:
         arch["num_query_groups"] = groups
     kv = config.get("kv_channels")
-    if kv is not None and heads and hidden and kv * heads != hidden:
-        raise ValueError(f"{where}: kv_channels={kv} x num_attention_heads={heads} != hidden_size={hidden} is "
-                         "not supported")
+    if kv is not None and not (heads and hidden and kv * heads == hidden):  # None = hidden_size / heads
+        arch["kv_channels"] = kv
     if config.get("rotary_base") is not None:
         base = float(config["rotary_base"])
         if base != int(base):

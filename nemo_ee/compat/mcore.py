@@ -23,10 +23,11 @@ def check_version() -> None:
         )
 
 
-def gpt_layer_spec(use_transformer_engine: bool, normalization: str) -> ModuleSpec:
-    """megatron's GPT layer spec: transformer-engine when asked for, else the local (pure PyTorch) one."""
+def gpt_layer_spec(use_transformer_engine: bool, normalization: str, qk_layernorm: bool = False) -> ModuleSpec:
+    """megatron's GPT layer spec: transformer-engine when asked for, else the local (pure PyTorch) one.
+    ``qk_layernorm`` (Qwen3): a norm of the layer's normalization type over each head's query and key."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_transformer_engine:
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=normalization)
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm)

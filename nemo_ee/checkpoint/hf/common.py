@@ -150,6 +150,7 @@ class Adapter(ABC):
 
     name = ""
     architectures: tuple[str, ...] = ()
+    model_types: tuple[str, ...] = ()  # config.json ``model_type`` values (when it lists no architectures)
     ignored = re.compile(r"$^")  # HF keys that are buffers, not parameters
 
     @abstractmethod

@@ -21,6 +21,7 @@ class GPT2Adapter(Adapter):
 
     name = "gpt2"
     architectures = ("GPT2LMHeadModel",)
+    model_types = ("gpt2",)
     ignored = re.compile(r".*attn\.(masked_)?bias$")
     _GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": None, "gelu": "none"}
 
@@ -75,6 +76,10 @@ class GPT2Adapter(Adapter):
                         position_embedding_type="learned_absolute", share_embeddings_and_output_weights=True)
         if a.get("num_query_groups") not in (None, a.get("num_attention_heads")):
             bad.append(f"num_query_groups={a.get('num_query_groups')!r} (GPT-2 has no grouped-query attention)")
+        if a.get("kv_channels") not in (None, a["hidden_size"] // a["num_attention_heads"]):
+            bad.append(f"kv_channels={a.get('kv_channels')!r} (GPT-2 heads are n_embd / n_head wide)")
+        if a.get("qk_layernorm"):
+            bad.append(f"qk_layernorm={a.get('qk_layernorm')!r} (needs False)")
         return bad
 
     def hf_config(self, a: dict) -> dict:
