@@ -38,7 +38,7 @@ def _adapter(name: str) -> Adapter:
 def infer_family(arch: dict) -> str:
     """The HF family whose architecture is ``arch`` (mistral is never inferred: it is llama's layout)."""
     reasons = {}
-    for name in ("gpt2", "llama", "qwen2"):
+    for name in ("gpt2", "llama", "qwen2", "qwen3"):
         bad = _adapter(name).unsupported(arch)
         if not bad:
             return name
@@ -50,7 +50,7 @@ def infer_family(arch: dict) -> str:
 def _check(arch: dict, family: str) -> Adapter:
     adapter = _adapter(family)
     bad = adapter.unsupported(arch)
-    if arch["hidden_size"] % arch["num_attention_heads"]:
+    if arch.get("kv_channels") is None and arch["hidden_size"] % arch["num_attention_heads"]:
         bad.append(f"hidden_size={arch['hidden_size']} not divisible by num_attention_heads="
                    f"{arch['num_attention_heads']}")
     if bad:
@@ -61,16 +61,25 @@ def _check(arch: dict, family: str) -> Adapter:
 
 
 def _tokenizer_files(model, out: Path, seq_length: int) -> dict:
-    """tokenizer.json (the model's own, verbatim) + a minimal tokenizer_config.json; the special-token ids."""
+    """The model's tokenizer files and its special-token ids for config.json. An imported model's own HF
+    tokenizer is written back as it came (tokenizer_config.json, chat template, generation_config.json with
+    its stop ids); nemo_ee's own tokenizer gets tokenizer.json verbatim and a minimal tokenizer_config.json."""
     tok = model.tokenizer
-    (out / "tokenizer.json").write_text(tok._tok.to_str(pretty=True), encoding="utf-8")
+    if hasattr(tok, "save_pretrained"):  # HFTokenizer
+        tok.save_pretrained(out)
+        eos = list(tok.eos_ids)
+        generation = {"bos_token_id": tok.bos_id, "eos_token_id": eos[0] if len(eos) == 1 else eos,
+                      "pad_token_id": tok.pad_id}
+        (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        return {"eos_token_id": generation["eos_token_id"], "pad_token_id": tok.pad_id, "bos_token_id": tok.bos_id}
+    tok.save_files(out)
     from nemo_ee.data.tokenizer import EOS_TOKEN, PAD_TOKEN
 
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN,
         "bos_token": None, "unk_token": None, "model_max_length": int(seq_length), "clean_up_tokenization_spaces": False,
     }, indent=2) + "\n")
-    return {"eos_token_id": int(tok.eos_id), "pad_token_id": int(tok.pad_id)}
+    return {"eos_token_id": int(tok.eos_id), "pad_token_id": int(tok.pad_id), "bos_token_id": None}
 
 
 def export_model(model, out: str | Path, family: Optional[str] = None, overwrite: bool = False) -> Path:
@@ -107,7 +116,7 @@ def export_model(model, out: str | Path, family: Optional[str] = None, overwrite
 
     config = adapter.hf_config(arch)
     config.update(_tokenizer_files(model, out, ee.seq_length))
-    config.update(bos_token_id=None, dtype=ee.params_dtype, use_cache=True)
+    config.update(dtype=ee.params_dtype, use_cache=True)
     (out / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=2) + "\n")
 
     if ee.num_exits:

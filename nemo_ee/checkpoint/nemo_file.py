@@ -1,8 +1,8 @@
 """Write a .nemo of EarlyExitGPTNeMoModel from EarlyExitConfig fields, a megatron state dict and a tokenizer.
 
-The one path every importer takes (HF transformers, megatron-core / NeMo-2 distributed checkpoints): the
-tokenizer gets nemo_ee's special tokens (appended as added tokens when missing, the vocabulary growing by
-their rows), every tensor is checked against the model built from the fields, and the model is saved at
+The one path every importer takes (HF transformers, megatron-core / NeMo-2 distributed checkpoints). An HF
+import keeps the model's own tokenizer exactly; otherwise the tokenizer gets nemo_ee's special tokens
+(appended as added tokens when missing, the vocabulary growing by their rows). Every tensor is checked against the model built from the fields, and the model is saved at
 TP=PP=1 (``scripts/reshard.py`` / ``read_config(..., tp=, pp=)`` change the layout later).
 """
 from __future__ import annotations
@@ -45,21 +45,38 @@ def pad_vocab(arch: dict, state: dict, size: int) -> None:
 
 
 def write_nemo(arch: dict, state: dict[str, torch.Tensor], tokenizer_file: str | Path, out: str | Path,
-               seed: int = 1234, exit_fields: Optional[dict] = None) -> Path:
+               seed: int = 1234, exit_fields: Optional[dict] = None, hf_tokenizer_dir: str | Path | None = None,
+               ) -> Path:
     """Save ``state`` (megatron GPTModel keys, plus ``exits.*`` when ``exit_fields`` has exits) as the .nemo
-    ``out`` of an EarlyExitGPTNeMoModel with architecture ``arch`` and the tokenizer ``tokenizer_file``."""
+    ``out`` of an EarlyExitGPTNeMoModel with architecture ``arch`` and the tokenizer ``tokenizer_file``.
+
+    ``hf_tokenizer_dir``: the HF tokenizer folder of an imported model (``tokenizer_file`` is its
+    tokenizer.json); the model keeps that tokenizer exactly (:class:`nemo_ee.data.HFTokenizer`): no
+    appended tokens, no new rows. Without it the tokenizer gets nemo_ee's special tokens (appended)."""
     from omegaconf import OmegaConf
 
+    from nemo_ee.data.hf_tokenizer import BUNDLE_NAME, HFTokenizer, write_bundle
     from nemo_ee.models.nemo_model import EarlyExitGPTNeMoModel
 
     arch, state, out = dict(arch), dict(state), Path(out)
     with tempfile.TemporaryDirectory() as tmp:
-        tok_path, tok_size = prepare_tokenizer(Path(tokenizer_file), Path(tmp))
-        if tok_size > arch["vocab_size"]:
-            pad_vocab(arch, state, tok_size)
+        tok_cfg: dict = {"cache_dir": None}
+        if hf_tokenizer_dir is not None:
+            bundle = write_bundle(hf_tokenizer_dir, Path(tmp) / BUNDLE_NAME)
+            tok_size = HFTokenizer(tokenizer_file, bundle).vocab_size
+            if tok_size > arch["vocab_size"]:
+                raise ValueError(f"the tokenizer in {hf_tokenizer_dir} has {tok_size} tokens but the model's "
+                                 f"vocabulary has {arch['vocab_size']} rows: it is not this model's tokenizer")
+            tok_cfg.update(vocab_size=int(arch["vocab_size"]), tokenizer_file=str(tokenizer_file),
+                           hf_tokenizer_file=str(bundle))
+        else:
+            tok_path, tok_size = prepare_tokenizer(Path(tokenizer_file), Path(tmp))
+            if tok_size > arch["vocab_size"]:
+                pad_vocab(arch, state, tok_size)
+            tok_cfg.update(vocab_size=tok_size, tokenizer_file=str(tok_path))
         cfg = OmegaConf.create({
             "seed": seed, "micro_batch_size": 1, "global_batch_size": 1,
-            "tokenizer": {"vocab_size": tok_size, "tokenizer_file": str(tok_path), "cache_dir": None},
+            "tokenizer": tok_cfg,
             "data": {"corpus_root": None, "val_fraction": 0.05, "max_files": None, "num_workers": 0},
             "optim": {"lr": 1.0e-4, "min_lr": 1.0e-5, "warmup_steps": 0, "decay_style": "cosine",
                       "weight_decay": 0.01, "clip_grad": 1.0},

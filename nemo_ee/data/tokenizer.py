@@ -69,6 +69,9 @@ class EETokenizer:
             raise ValueError(f"tokenizer lacks special tokens {SPECIAL_TOKENS}; got ids {ids}")
         self.eos_id: int = ids[0]
         self.pad_id: int = ids[1]
+        self.eos_ids: tuple[int, ...] = (self.eos_id,)  # the ids generation stops at by default
+        self.bos_id = None
+        self.chat_template = None
 
     @classmethod
     def from_file(cls, path: str | Path) -> "EETokenizer":
@@ -99,6 +102,18 @@ class EETokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """Text of ``ids``; exact inverse of ``encode`` for any UTF-8 text."""
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
+        """nemo_ee's own tokenizers have no chat template: a clear error (imported models' HFTokenizer has one)."""
+        raise ValueError("this model's tokenizer has no chat template (a nemo_ee-trained model); send a plain prompt")
+
+    def save_files(self, folder: str | Path) -> dict[str, str]:
+        """Write the tokenizer JSON as ``folder/tokenizer.json`` (without repointing ``self.path``); the
+        ``tokenizer`` config entries that name it."""
+        target = Path(folder) / "tokenizer.json"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(target, self._tok.to_str(pretty=True))
+        return {"tokenizer_file": str(target)}
 
     def save(self, path: str | Path) -> Path:
         """Write the tokenizer JSON atomically and remember it as ``self.path``."""

@@ -84,10 +84,47 @@ def validation_prompts(nemo: Any, num_prompts: int, prompt_tokens: int, corpus_r
     return [[int(t) for t in tokens[s:s + prompt_tokens]] for s in starts]
 
 
+def conversations(cfg: Any) -> list[list[dict]]:
+    """The chat conversations of a generate request: ``messages`` (one conversation, a list of
+    {role, content}, or a list of them), or, with ``chat=true``, each prompt as one user message (after
+    ``system``, when given). Empty when the request is plain text."""
+    from omegaconf import OmegaConf
+
+    from nemo_ee.data import check_messages
+
+    messages = cfg.get("messages")
+    if messages is not None and OmegaConf.is_config(messages):
+        messages = OmegaConf.to_container(messages, resolve=True)
+    if messages:
+        if cfg.get("prompts") or cfg.get("prompts_file"):
+            raise ValueError("give either messages=... or prompts / prompts_file, not both")
+        convs = messages if isinstance(messages[0], (list, tuple)) else [messages]
+        return [check_messages(list(c)) for c in convs]
+    if not cfg.get("chat"):
+        if cfg.get("system"):
+            raise ValueError("system=... needs chat=true (or messages=...)")
+        return []
+    system = [{"role": "system", "content": str(cfg.system)}] if cfg.get("system") else []
+    return [system + [{"role": "user", "content": text}]
+            for text in gather_prompts(cfg.get("prompts"), cfg.get("prompts_file"))]
+
+
+def prompt_ids(tokenizer: Any, cfg: Any) -> tuple[list[str], list[list[int]]]:
+    """(texts to print, token ids) of a generate request: plain prompts tokenized, or chat conversations
+    through the tokenizer's chat template (with the assistant's generation prompt)."""
+    convs = conversations(cfg)
+    if not convs:
+        texts = gather_prompts(cfg.get("prompts"), cfg.get("prompts_file"))
+        return texts, [tokenizer.encode(t) for t in texts]
+    ids = [tokenizer.apply_chat_template(c) for c in convs]
+    return [tokenizer.decode(i) for i in ids], ids
+
+
 # ---------------------------------------------------------------------------------------------- generate
 def stop_token_ids(tokenizer: Any, stop_words: Sequence[str], stop_at_eos: bool) -> tuple:
-    """Stop words -> token ids; each must be exactly one token (the decoder stops on single tokens)."""
-    ids = [tokenizer.eos_id] if stop_at_eos else []
+    """Stop words -> token ids; each must be exactly one token (the decoder stops on single tokens). With
+    ``stop_at_eos`` the model's own end ids come first (an imported model's generation_config eos ids)."""
+    ids = list(tokenizer.eos_ids) if stop_at_eos else []
     for word in stop_words or ():
         encoded = tokenizer.encode(str(word))
         if len(encoded) != 1:
@@ -138,11 +175,10 @@ def run_generate(cfg: Any, out: Any = None) -> dict:
         raise ValueError("nemo=PATH is required (the .nemo model to generate with)")
     nemo = load_nemo_for_inference(str(cfg.nemo))
     model, tokenizer = nemo.model, nemo.tokenizer
-    texts = gather_prompts(cfg.get("prompts"), cfg.get("prompts_file"))
+    texts, prompts = prompt_ids(tokenizer, cfg)
     params = request_params(cfg, inference_defaults(nemo.cfg),
                             stop_token_ids(tokenizer, cfg.get("stop_words") or [], bool(cfg.get("stop_at_eos", True))))
     params.rule(model.ee_config.exit_layer_nums)  # unknown exit layers are an error before any work
-    prompts = [tokenizer.encode(t) for t in texts]
     for text, ids in zip(texts, prompts):
         try:
             check_prompt(ids, model)

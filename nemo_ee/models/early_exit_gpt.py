@@ -270,6 +270,33 @@ class EarlyExitGPTModel(GPTModel):
         finally:
             self._captured, self._stop_after = {}, None
 
+    def forward_frozen_with_final(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, dict]:
+        """EE-Tuning by distillation (one stage holding the whole model): the whole backbone under ``torch.no_grad``.
+
+        Every layer, the final norm and the output layer run. Returns (the final logits [b, s, v], no autograd
+        history; {exit index: a function of no argument returning that exit's raw logits [b, s, v], with autograd
+        through the exit head only}). Each exit is computed when its function is called, so a caller can
+        back-propagate one exit before the next one's logits exist.
+        """
+        if not (self.pre_process and self.post_process):
+            raise ValueError("forward_frozen_with_final needs the whole model on one stage (embedding to output layer)")
+        self._captured, self._stop_after = {}, None
+        try:
+            with torch.no_grad():
+                final = super().forward(input_ids, position_ids, None)
+            captured = {i: (h.detach(), kw) for i, (h, kw) in self._captured.items()}
+        finally:
+            self._captured = {}
+        shared = self.shared_embedding_or_output_weight() if self.ee_config.tie_exit_output else None
+
+        def exit_logits(index: int) -> torch.Tensor:
+            hidden, layer_kwargs = captured[index]
+            return self.exits[str(index)](hidden, layer_kwargs, shared, None).transpose(0, 1).contiguous()
+
+        return final, {i: (lambda i=i: exit_logits(i)) for i in self.local_exit_indices}
+
     def _exit_outputs(self, labels: Optional[torch.Tensor], runtime_gather_output: Optional[bool]) -> dict:
         shared = None
         if self.ee_config.tie_exit_output and len(self.exits):
@@ -296,8 +323,11 @@ class EarlyExitGPTModel(GPTModel):
 
 
 def layer_spec(ee_config: EarlyExitConfig) -> ModuleSpec:
-    """megatron's transformer-engine layer spec when TE is importable (and allowed), else the local one."""
-    return mcore.gpt_layer_spec(ee_config.use_transformer_engine, ee_config.normalization)
+    """megatron's transformer-engine layer spec when TE is importable (and allowed), else the local one.
+
+    ``qk_layernorm`` (Qwen3): megatron's own spec builders with ``qk_layernorm=True``, which put a norm of the
+    layer's normalization type over each head's query and key (before RoPE). Exit blocks share this spec."""
+    return mcore.gpt_layer_spec(ee_config.use_transformer_engine, ee_config.normalization, ee_config.qk_layernorm)
 
 
 def build_model(

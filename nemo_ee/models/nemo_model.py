@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from nemo_ee.config import EarlyExitConfig
-from nemo_ee.data import CorpusSpec, EETokenizer, build_datasets, train_tokenizer
+from nemo_ee.data import CorpusSpec, build_datasets, load_tokenizer, train_tokenizer
 from nemo_ee.data.sampler import ResumableBatchSampler
 from nemo_ee.models.early_exit_gpt import EarlyExitGPTModel, build_model
 from nemo_ee.models.losses import ExitWeightSchedule
@@ -96,6 +96,9 @@ def prepare_config(cfg: DictConfig) -> DictConfig:
             )
         elif not str(tokenizer_file).startswith("nemo:") and not Path(tokenizer_file).is_file():
             raise FileNotFoundError(f"tokenizer.tokenizer_file {tokenizer_file} does not exist")
+        bundle = cfg.tokenizer.get("hf_tokenizer_file")
+        if bundle and not str(bundle).startswith("nemo:") and not Path(bundle).is_file():
+            raise FileNotFoundError(f"tokenizer.hf_tokenizer_file {bundle} does not exist")
     return cfg
 
 
@@ -115,7 +118,10 @@ class EarlyExitGPTNeMoModel(ModelPT):
         super().__init__(cfg=cfg, trainer=trainer)
         self._save_restore_connector = SafetensorsSaveRestoreConnector()
         tokenizer_file = self.register_artifact("tokenizer.tokenizer_file", self.cfg.tokenizer.tokenizer_file)
-        self.tokenizer = EETokenizer.from_file(tokenizer_file)
+        hf_bundle = self.cfg.tokenizer.get("hf_tokenizer_file")
+        if hf_bundle:  # an imported model: its own HF tokenizer (chat template, eos/bos/pad kept as they are)
+            hf_bundle = self.register_artifact("tokenizer.hf_tokenizer_file", hf_bundle)
+        self.tokenizer = load_tokenizer(tokenizer_file, hf_bundle)
         self.ee_config = EarlyExitConfig.from_dict(_arch_dict(self.cfg))
         if self.ee_config.vocab_size < self.tokenizer.vocab_size:
             raise ValueError(

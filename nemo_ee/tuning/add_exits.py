@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import tempfile
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -65,22 +64,10 @@ def _source_layer(ee: EarlyExitConfig, layer: int) -> int:
     return max(ee.exit_point(layer), 1)
 
 
-def _tokenizer_file(model) -> str:
-    """A tokenizer JSON that outlives this call (a restored model's artifact lives in a deleted temp dir)."""
-    tok = model.tokenizer
-    if tok.path is not None and Path(tok.path).is_file():
-        from nemo_ee.data import EETokenizer
-
-        if EETokenizer.from_file(tok.path).fingerprint == tok.fingerprint:
-            return str(tok.path)
-    folder = Path(tempfile.mkdtemp(prefix="nemo_ee_tokenizer_"))
-    name = tok.path.name if tok.path is not None else "tokenizer.json"
-    if re.fullmatch(r"[0-9a-f]{32}_.+", name):  # NeMo's unique prefix on a restored artifact
-        name = name[33:]
-    target = folder / name
-    # The same serializer as EETokenizer.save, without repointing model.tokenizer.path.
-    target.write_text(tok._tok.to_str(pretty=True), encoding="utf-8")
-    return str(target)
+def _tokenizer_entries(model) -> dict:
+    """The model's tokenizer files written where they outlive this call (a restored model's artifacts live in
+    a deleted temp dir); the ``tokenizer`` config entries naming them."""
+    return model.tokenizer.save_files(Path(tempfile.mkdtemp(prefix="nemo_ee_tokenizer_")))
 
 
 def _new_config(model, layers: list[int], exit_position: str, exit_norm: bool, exit_mlp: bool, exit_block: bool,
@@ -97,7 +84,7 @@ def _new_config(model, layers: list[int], exit_position: str, exit_norm: bool, e
         exit_loss_weights=(list(exit_loss_weights) if isinstance(exit_loss_weights, (list, tuple))
                            else exit_loss_weights),
     )
-    cfg["tokenizer"]["tokenizer_file"] = _tokenizer_file(model)
+    cfg["tokenizer"].update(_tokenizer_entries(model))
     cfg.pop("target", None)
     return OmegaConf.create(cfg)
 

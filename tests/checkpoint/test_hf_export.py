@@ -29,11 +29,17 @@ ARCH_FIELDS = {
     "mistral": ["architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings",
                 "rms_norm_eps", "rope_parameters", "tie_word_embeddings", "hidden_act", "sliding_window"],
+    "qwen3": ["architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings",
+              "rms_norm_eps", "rope_parameters", "tie_word_embeddings", "hidden_act", "attention_bias",
+              "use_sliding_window", "sliding_window", "layer_types"],
     "gpt2": ["architectures", "model_type", "n_embd", "n_layer", "n_head", "n_inner", "vocab_size", "n_positions",
              "layer_norm_epsilon", "activation_function", "tie_word_embeddings", "scale_attn_weights"],
 }
 CASES = {"llama-gqa-tied": "llama", "llama-untied-llama3-rope": "llama", "qwen2": "qwen2", "gpt2": "gpt2",
-         "mistral": "mistral"}
+         "mistral": "mistral", "llama-head-dim-24-untied": "llama", "qwen3-tied": "qwen3",
+         "qwen3-untied-mha": "qwen3"}
+EXPLICIT = ("mistral",)  # exported when asked for (mistral is llama's layout)
 TOKENS = torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(1))
 
 
@@ -48,9 +54,9 @@ def test_hf_nemo_hf_round_trip(single_process, tmp_path, name):
     hf = _save_hf(name, tmp_path / "hf")
     model = _restore(convert_hf_to_nemo(tmp_path / "hf", tmp_path / "model.nemo"))
     family = CASES[name]
-    if family != "mistral":  # mistral is llama's layout: only exported when asked for
+    if family not in EXPLICIT:
         assert infer_family({**model.ee_config.to_dict(), "ffn_hidden_size": model.ee_config.ffn_size}) == family
-    out = export_model(model, tmp_path / "out", family="mistral" if family == "mistral" else None)
+    out = export_model(model, tmp_path / "out", family=family if family in EXPLICIT else None)
     assert not (out / EXITS_WEIGHTS).exists() and not (out / EXITS_CONFIG).exists()
 
     original, exported = load_file(str(tmp_path / "hf" / "model.safetensors")), load_file(str(out / "model.safetensors"))
@@ -67,14 +73,14 @@ def test_hf_nemo_hf_round_trip(single_process, tmp_path, name):
     with torch.no_grad():
         assert (back(TOKENS).logits - hf(TOKENS).logits).abs().max().item() <= 1e-4
 
+    # the model's own tokenizer comes back as it was imported (nothing appended), with its stop ids
+    assert (out / "tokenizer.json").read_text() == (tmp_path / "hf" / "tokenizer.json").read_text()
     text = "def add(a, b):\n    return a + b\n"
-    fast = transformers.PreTrainedTokenizerFast.from_pretrained(out)
-    auto = transformers.AutoTokenizer.from_pretrained(out)
-    # transformers 5 forces its Qwen2Tokenizer (Qwen's own pre-tokenizer regex) on model_type qwen2, whatever
-    # tokenizer_config.json says: only the generic class reproduces this toy tokenizer there.
-    for tok in (fast,) if CASES[name] == "qwen2" else (fast, auto):
-        assert tok(text)["input_ids"] == model.tokenizer._tok.encode(text).ids
-        assert (tok.eos_token_id, tok.pad_token_id) == (model.tokenizer.eos_id, model.tokenizer.pad_id)
+    back_tok, orig_tok = (transformers.AutoTokenizer.from_pretrained(d) for d in (out, tmp_path / "hf"))
+    assert back_tok(text)["input_ids"] == orig_tok(text)["input_ids"] == model.tokenizer.encode(text)
+    assert len(back_tok) == model.tokenizer.vocab_size <= model.ee_config.vocab_size == V
+    eos = transformers.GenerationConfig.from_pretrained(out).eos_token_id
+    assert tuple(eos if isinstance(eos, list) else [eos]) == model.tokenizer.eos_ids
 
 
 def test_exits_survive_nemo_hf_nemo(single_process, tmp_path):
@@ -123,6 +129,55 @@ def test_unrepresentable_architecture(single_process):
     with pytest.raises(ValueError, match=r"no HF family represents.*gpt2 needs normalization='RMSNorm'.*llama needs "
                                           r"activation='gelu' \(needs 'swiglu'\)"):
         infer_family(arch)
+
+
+@pytest.mark.parametrize("name", ["llama-head-dim-24-untied", "qwen3-tied", "qwen3-untied-mha"])
+def test_adapter_export_inverts_convert(tmp_path, name):
+    """The adapter alone (no .nemo, no tokenizer): export(convert(hf)) is every HF tensor bit-exactly, hf_config(arch)
+    the HF config's architecture fields, and transformers builds from them the original model's logits."""
+    from nemo_ee.checkpoint.hf import adapter_for, convert_hf_state, load_hf_config
+
+    hf = _save_hf(name, tmp_path)
+    src = load_hf_config(tmp_path)
+    adapter = adapter_for(src)
+    assert adapter.name == CASES[name]
+    arch, state = convert_hf_state(tmp_path)
+    assert adapter.unsupported(arch) == []
+    tensors = adapter.export(state, arch)
+    original = load_file(str(tmp_path / "model.safetensors"))
+    assert sorted(tensors) == sorted(original)
+    for key, tensor in original.items():
+        assert torch.equal(tensors[key], tensor), key
+    config = adapter.hf_config(arch)
+    for field in ARCH_FIELDS[CASES[name]]:
+        assert config.get(field) == src.get(field), field
+    back = transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.for_model(**config)).float().eval()
+    missing, unexpected = back.load_state_dict(tensors, strict=False)
+    assert not unexpected and set(missing) <= ({"lm_head.weight"} if config["tie_word_embeddings"] else set())
+    with torch.no_grad():
+        assert (back(TOKENS).logits - hf(TOKENS).logits).abs().max().item() <= 1e-4
+
+
+def test_qk_layernorm_and_head_width_only_export_where_the_family_has_them(single_process):
+    from nemo_ee.checkpoint.hf import ADAPTERS
+    from nemo_ee.config import EarlyExitConfig
+
+    adapters = {a.name: a for a in ADAPTERS}
+    qwen3 = EarlyExitConfig(num_layers=1, hidden_size=32, num_attention_heads=4, kv_channels=12, qk_layernorm=True,
+                            vocab_size=300, seq_length=16, normalization="RMSNorm", activation="swiglu",
+                            add_bias_linear=False, position_embedding_type="rope").to_dict()
+    qwen3["ffn_hidden_size"] = 128
+    assert adapters["qwen3"].unsupported(qwen3) == []
+    assert adapters["qwen3"].hf_config(qwen3)["head_dim"] == 12
+    for family in ("llama", "mistral", "qwen2"):
+        assert "qk_layernorm=True (needs False)" in adapters[family].unsupported(qwen3), family
+    assert "qk_layernorm=False (needs True)" in adapters["qwen3"].unsupported({**qwen3, "qk_layernorm": False})
+    gpt2 = {**qwen3, "normalization": "LayerNorm", "activation": "gelu", "add_bias_linear": True,
+            "position_embedding_type": "learned_absolute", "share_embeddings_and_output_weights": True}
+    bad = adapters["gpt2"].unsupported(gpt2)
+    assert "kv_channels=12 (GPT-2 heads are n_embd / n_head wide)" in bad and "qk_layernorm=True (needs False)" in bad
+    assert adapters["gpt2"].unsupported({**gpt2, "kv_channels": 8, "qk_layernorm": False}) == []
 
 
 def test_wrong_family_is_rejected(single_process, tmp_path):

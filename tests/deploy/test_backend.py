@@ -17,6 +17,7 @@ class CharTokenizer:
     """One token per character of ALPHABET; the end-of-text token is '.' (id 63)."""
 
     eos_id = 63
+    eos_ids = (63,)
 
     def encode(self, text):
         return [ALPHABET.index(c) for c in text]

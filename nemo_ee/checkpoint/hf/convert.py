@@ -9,11 +9,11 @@ import torch
 
 from nemo_ee.checkpoint.hf.common import EXITS_CONFIG, EXITS_WEIGHTS, Adapter, SafetensorsReader
 from nemo_ee.checkpoint.hf.gpt2 import GPT2Adapter
-from nemo_ee.checkpoint.hf.llama import LlamaAdapter, MistralAdapter, Qwen2Adapter
+from nemo_ee.checkpoint.hf.llama import LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter
 from nemo_ee.checkpoint.nemo_file import write_nemo
 
 
-ADAPTERS: tuple[Adapter, ...] = (LlamaAdapter(), MistralAdapter(), Qwen2Adapter(), GPT2Adapter())
+ADAPTERS: tuple[Adapter, ...] = (LlamaAdapter(), MistralAdapter(), Qwen2Adapter(), Qwen3Adapter(), GPT2Adapter())
 
 
 def supported_architectures() -> list[str]:
@@ -22,11 +22,16 @@ def supported_architectures() -> list[str]:
 
 
 def adapter_for(hf: dict) -> Adapter:
-    """The family adapter for an HF config dict (by its ``architectures``), or a ValueError naming the supported ones."""
+    """The family adapter for an HF config dict: by its ``architectures``, or, when it lists none (a config
+    made from a GGUF file, say), by its ``model_type``; a ValueError names the supported ones."""
     names = hf.get("architectures") or []
     for adapter in ADAPTERS:
         if any(n in adapter.architectures for n in names):
             return adapter
+    if not names:
+        for adapter in ADAPTERS:
+            if hf.get("model_type") in adapter.model_types:
+                return adapter
     named = names or f"{hf.get('model_type')!r} (model_type; config.json lists no architectures)"
     raise ValueError(f"unsupported architecture {named}; supported: {supported_architectures()}")
 
@@ -100,7 +105,7 @@ def convert_hf_to_nemo(hf_dir: str | Path, out: str | Path, seed: int = 1234) ->
     tok_src = hf_dir / "tokenizer.json"
     if not tok_src.is_file():
         raise FileNotFoundError(f"no tokenizer.json in {hf_dir} (a HF `tokenizers` file is needed)")
-    return write_nemo(arch, state, tok_src, out, seed=seed, exit_fields=exit_fields)
+    return write_nemo(arch, state, tok_src, out, seed=seed, exit_fields=exit_fields, hf_tokenizer_dir=hf_dir)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -113,10 +118,25 @@ def main(argv: Optional[list[str]] = None) -> None:
                     "early_exits.safetensors side files of convert_nemo_to_hf.py). Supported architectures: "
                     + ", ".join(supported_architectures()) + ".",
     )
-    parser.add_argument("--hf-dir", required=True, help="HF checkpoint directory (config.json, *.safetensors, "
-                        "tokenizer.json); weights are read with safetensors only")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--hf-dir", help="HF checkpoint directory (config.json, *.safetensors, "
+                     "tokenizer.json); weights are read with safetensors only")
+    src.add_argument("--gguf", nargs="?", const="", metavar="FILE",
+                     help="a GGUF file (read by transformers' GGUF loader, dequantised to fp32); with no FILE, "
+                          "the project's default model SmolLM2-135M-Instruct (fetched by scripts/fetch_model.py)")
     parser.add_argument("--out", required=True, help="path of the .nemo file to write")
     parser.add_argument("--seed", type=int, default=1234, help="seed recorded in the model config (default 1234)")
     args = parser.parse_args(argv)
-    path = convert_hf_to_nemo(args.hf_dir, args.out, seed=args.seed)
+    if not args.out.endswith(".nemo"):
+        parser.error(f"--out {args.out} must end in .nemo")
+    try:
+        hf_dir = args.hf_dir
+        if args.gguf is not None:
+            from nemo_ee.checkpoint.hf.gguf import cached_hf_dir, locate_gguf
+
+            hf_dir = cached_hf_dir(args.gguf or locate_gguf())
+            print(f"GGUF as an HF folder: {hf_dir}")
+        path = convert_hf_to_nemo(hf_dir, args.out, seed=args.seed)
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        parser.exit(2, f"error: {err}\n")
     print(f"wrote {path}")

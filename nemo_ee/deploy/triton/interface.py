@@ -28,7 +28,10 @@ class TensorSpec:
 
 
 INPUTS = (
-    TensorSpec("text_input", "BYTES", optional=False, doc="the prompt, UTF-8"),
+    TensorSpec("text_input", "BYTES", doc="the prompt, UTF-8 (required unless messages is sent)"),
+    TensorSpec("messages", "BYTES", doc="a chat: JSON list of {role, content}, put through the model's chat "
+                                        "template (instead of text_input)"),
+    TensorSpec("chat", "BOOL", doc="true: text_input is one user message, put through the chat template"),
     TensorSpec("max_tokens", "INT32", optional=False, doc="new tokens to generate, 1..max_tokens_limit"),
     TensorSpec("stream", "BOOL", doc="one response per token (default false: one final response)"),
     TensorSpec("temperature", "FP32", doc="0 (default): greedy"),
@@ -36,7 +39,7 @@ INPUTS = (
     TensorSpec("top_p", "FP32", doc="1 (default): off"),
     TensorSpec("random_seed", "UINT64", doc="sampling seed (default 0)"),
     TensorSpec("stop_words", "BYTES", dims=(-1,), doc="strings that end the generation (single tokens)"),
-    TensorSpec("end_id", "INT32", doc="end token id (default: the tokenizer's end-of-text; -1: none)"),
+    TensorSpec("end_id", "INT32", doc="end token id (default: the model's own end ids; -1: none)"),
     TensorSpec("early_exit_threshold", "FP32", doc="one threshold for every exit (replaces calibrated ones)"),
     TensorSpec("exit_policy", "BYTES", doc="max_prob | entropy | top2_margin"),
     TensorSpec("decode_mode", "BYTES", doc="early_exit | self_speculative | full"),

@@ -121,15 +121,11 @@ def _number(name: str, value: Any, kind: type) -> Any:
     return number
 
 
-def parse_request(inputs: Mapping[str, Any], tokenizer: Any, model: Any, settings: ServingSettings) -> Job:
-    """Validate one request's inputs (``{name: numpy array}``) into a :class:`Job`, or raise :class:`BadRequest`."""
-    from nemo_ee.inference.cli import stop_token_ids
-    from nemo_ee.inference.generate import DECODE_MODES, GenerationParams, check_prompt
-    from nemo_ee.inference.policies import POLICIES, check_threshold
-
+def _prompt_text(inputs: Mapping[str, Any]) -> str:
     raw = inputs.get("text_input")
     if raw is None:
-        raise BadRequest("text_input is missing: send the prompt as a BYTES tensor of shape [1, 1]")
+        raise BadRequest("text_input is missing: send the prompt as a BYTES tensor of shape [1, 1] "
+                         "(or a chat as messages)")
     if np.asarray(raw).size == 0:
         raise BadRequest("text_input is empty: send one prompt (a BYTES tensor of shape [1, 1])")
     if np.asarray(raw).size > 1:
@@ -138,6 +134,38 @@ def parse_request(inputs: Mapping[str, Any], tokenizer: Any, model: Any, setting
     text = _text("text_input", _one(inputs, "text_input"))
     if not text:
         raise BadRequest("text_input is empty: the prompt needs at least one character")
+    return text
+
+
+def _conversation(inputs: Mapping[str, Any]) -> list:
+    """The chat messages of a request (``messages`` JSON, or ``chat`` with text_input as the user message);
+    [] for a plain prompt. Checked before any tokenizing."""
+    from nemo_ee.data import check_messages
+
+    chat = _one(inputs, "chat")
+    raw = _one(inputs, "messages")
+    if raw is None:
+        return [{"role": "user", "content": _prompt_text(inputs)}] if chat is not None and bool(chat) else []
+    if inputs.get("text_input") is not None:
+        raise BadRequest("send either text_input or messages, not both")
+    try:
+        messages = json.loads(_text("messages", raw))
+    except json.JSONDecodeError as err:
+        raise BadRequest(f"messages is not JSON: {err}") from None
+    try:
+        return check_messages(messages)
+    except ValueError as err:
+        raise BadRequest(str(err)) from None
+
+
+def parse_request(inputs: Mapping[str, Any], tokenizer: Any, model: Any, settings: ServingSettings) -> Job:
+    """Validate one request's inputs (``{name: numpy array}``) into a :class:`Job`, or raise :class:`BadRequest`."""
+    from nemo_ee.inference.cli import stop_token_ids
+    from nemo_ee.inference.generate import DECODE_MODES, GenerationParams, check_prompt
+    from nemo_ee.inference.policies import POLICIES, check_threshold
+
+    conversation = _conversation(inputs)
+    text = None if conversation else _prompt_text(inputs)
 
     max_tokens = _number("max_tokens", _one(inputs, "max_tokens"), int)
     if max_tokens is None:
@@ -209,8 +237,8 @@ def parse_request(inputs: Mapping[str, Any], tokenizer: Any, model: Any, setting
         message = str(err).replace("draft_exit=", "draft_exit_layer=").replace("num_draft=", "num_draft_tokens=")
         raise BadRequest(message) from None
 
-    prompt = tokenizer.encode(text)
     try:
+        prompt = tokenizer.apply_chat_template(conversation) if conversation else tokenizer.encode(text)
         check_prompt(prompt, model)
     except ValueError as err:
         raise BadRequest(str(err)) from None
