@@ -1,7 +1,8 @@
 """The multi-exit loss: sum_i w_i(iteration) * CE_i + CE_final, with the loss mask applied.
 
 Per-token losses come from the model (temperature and dynamic token weights are applied there,
-where the logits live); this module owns the weight schedules and the masked reduction.
+where the logits live); this module owns the weight schedules and the masked reduction, and the
+per-token distillation loss of EE-Tuning with ``loss=kl`` (:func:`distillation_targets`, :func:`distillation_kl`).
 """
 from __future__ import annotations
 
@@ -77,3 +78,38 @@ def token_weighted_ce(
 ) -> torch.Tensor:
     """Dynamic token-wise weighting: CE times the exit's max softmax probability (no gradient)."""
     return ce if max_prob is None else ce * max_prob.detach()
+
+
+def distillation_targets(final_logits: torch.Tensor, temperature: float = 1.0,
+                         inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's soft targets at temperature T: (p = softmax(final / T) [..., v] fp32, sum_v p log p [...]).
+
+    No gradient. ``inplace``: ``final_logits`` (fp32) is overwritten with log p on the way (the caller hands it
+    over), so the targets cost one [..., v] tensor beyond the logits; otherwise a copy is made.
+    """
+    with torch.no_grad():
+        log_p = final_logits.float()
+        if not inplace and log_p is final_logits:
+            log_p = log_p.clone()
+        if temperature != 1.0:
+            log_p.div_(temperature)
+        log_p.sub_(torch.logsumexp(log_p, dim=-1, keepdim=True))
+        probs = log_p.exp()
+        neg_entropy = log_p.mul_(probs).sum(dim=-1)
+    return probs, neg_entropy
+
+
+def distillation_kl(exit_logits: torch.Tensor, target_probs: torch.Tensor, target_neg_entropy: torch.Tensor,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """Per-token T^2 * KL(p || q) [...], q = softmax(exit_logits / T); p, sum p log p: :func:`distillation_targets`.
+
+    KL(p || q) = sum_v p log p - sum_v p log q (absolute fp32 error ~1e-7); the gradient reaches ``exit_logits`` only. One log-softmax of the
+    exit logits is kept for the backward; the p . log q contraction does not materialise a [..., v] product.
+    """
+    logits = exit_logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    log_q = torch.log_softmax(logits, dim=-1)
+    del logits
+    cross = torch.einsum("...v,...v->...", target_probs, log_q)
+    return (target_neg_entropy - cross) * (temperature * temperature)

@@ -89,21 +89,30 @@ def tune_nemo_pipeline(cfg: Any) -> dict:
     """EE-Tuning of ``cfg.restore_from`` (.nemo, TP=PP=1) at ``cfg.pipeline_model_parallel_size`` stages.
 
     Collective: one process per stage (torchrun). A step is ``num_microbatches`` micro-batches of
-    ``micro_batch_size`` samples (the same samples as ``micro_batch_size * num_microbatches`` at PP=1).
+    ``micro_batch_size`` samples (the same samples as ``micro_batch_size * num_microbatches`` at PP=1) of
+    ``seq_length`` tokens (null: the model's). ``loss`` must be ``ce`` (kl needs the final layer, which the tuning
+    model does not have; :func:`nemo_ee.tuning.ee_tune.check_tuning_settings` refuses it at PP > 1).
     Returns what :func:`nemo_ee.tuning.ee_tune.tune_nemo` returns, on every rank.
     """
     from omegaconf import OmegaConf
 
     from nemo_ee.config import EarlyExitConfig
-    from nemo_ee.data import EETokenizer, build_datasets
+    from nemo_ee.data import build_datasets, load_tokenizer
     from nemo_ee.models.nemo_model import _arch_dict, _cache_dir, _corpus_spec
     from nemo_ee.parallel.schedules import split_microbatches
-    from nemo_ee.tuning.ee_tune import batch_order, format_losses, step_batch
+    from nemo_ee.tuning.ee_tune import (
+        batch_order, check_tuning_settings, format_losses, log_line, loss_label, nemo_seq_length, progress, step_batch,
+        step_line, tuning_seq_length,
+    )
     from nemo_ee.tuning.pipeline import (
         PipelineEETuner, build_tuning_stage, gather_exit_state, init_tuning_parallel, load_stage_from_safetensors,
         tuning_config,
     )
 
+    loss, temperature = check_tuning_settings(cfg)  # loss=kl is refused here at PP > 1
+    if loss != "ce":  # (and at PP=1, where this tuner's model would still end at the last exit)
+        raise ValueError(f"loss={loss!r} needs the final layer, which the pipeline tuner does not build; "
+                         "use loss=ce, or tune_nemo at pipeline_model_parallel_size=1")
     src, dst = Path(str(cfg.restore_from)), Path(str(cfg.output))
     pp, nmb = cfg.get("pipeline_model_parallel_size", 1), cfg.get("num_microbatches", 1)
     for name, value in (("pipeline_model_parallel_size", pp), ("num_microbatches", nmb)):
@@ -118,6 +127,7 @@ def tune_nemo_pipeline(cfg: Any) -> dict:
         raise FileExistsError(f"output={dst} exists; set overwrite=true to replace it")
     if not src.is_file():
         raise FileNotFoundError(f"no .nemo file at restore_from={src}")
+    seq_length = tuning_seq_length(cfg.get("seq_length"), nemo_seq_length(src))
     with tempfile.TemporaryDirectory(prefix="ee_tune_") as tmp:
         folder = extract_nemo(src, tmp)
         model_cfg = OmegaConf.load(folder / CONFIG)
@@ -129,12 +139,17 @@ def tune_nemo_pipeline(cfg: Any) -> dict:
         init_tuning_parallel(tcfg, int(cfg.seed))
         model = build_tuning_stage(tcfg)
         load_stage_from_safetensors(model, folder / WEIGHTS, prefix=PREFIX)
-        tok_file = str(model_cfg.tokenizer.tokenizer_file)
-        tokenizer = EETokenizer.from_file(folder / tok_file[len("nemo:"):] if tok_file.startswith("nemo:") else tok_file)
+        def artifact(entry: Any) -> Any:  # a "nemo:<name>" artifact lies in the extracted archive
+            return None if not entry else (folder / str(entry)[len("nemo:"):] if str(entry).startswith("nemo:")
+                                           else str(entry))
+
+        # the model's own tokenizer, as EarlyExitGPTNeMoModel loads it (an imported model's HF tokenizer included)
+        tokenizer = load_tokenizer(artifact(model_cfg.tokenizer.tokenizer_file),
+                                   artifact(model_cfg.tokenizer.get("hf_tokenizer_file")))
         data_cfg = OmegaConf.merge(model_cfg.data, {k: v for k, v in (cfg.get("data") or {}).items() if v is not None})
         for turn in (0, 1):  # rank 0 tokenizes (and caches) the corpus first; the others then read the cache
             if (_rank() == 0) == (turn == 0):
-                train_ds, _ = build_datasets(_corpus_spec(data_cfg), tokenizer, ee.seq_length, _cache_dir(model_cfg))
+                train_ds, _ = build_datasets(_corpus_spec(data_cfg), tokenizer, seq_length, _cache_dir(model_cfg))
             _barrier()
         optim = cfg.optim
         tuner = PipelineEETuner(model, lr=float(optim.lr), weight_decay=float(optim.weight_decay),
@@ -142,12 +157,16 @@ def tune_nemo_pipeline(cfg: Any) -> dict:
         mbs, steps = int(cfg.micro_batch_size), int(cfg.max_steps)
         every = max(1, int(cfg.get("log_every_n_steps", 10)))
         order = batch_order(len(train_ds), int(cfg.seed))
+        label = loss_label(loss, temperature)
         first = last = {}
-        for step in range(steps):
-            last = tuner.step(split_microbatches(step_batch(train_ds, order, step, mbs * nmb), mbs))
-            first = first or last
-            if _rank() == 0 and (step % every == 0 or step == steps - 1):
-                print(f"step {step + 1}/{steps}: {format_losses(ee, last)}", flush=True)
+        with progress(steps, label, enabled=_rank() == 0) as bar:
+            for step in range(steps):
+                last = tuner.step(split_microbatches(step_batch(train_ds, order, step, mbs * nmb), mbs))
+                first = first or last
+                bar.set_postfix_str(format_losses(ee, last), refresh=False)
+                bar.update(1)
+                if _rank() == 0 and (step % every == 0 or step == steps - 1):
+                    log_line(step_line(step, steps, ee, last, label))
         exits = gather_exit_state(model, dst=0)
         error = None
         if _rank() == 0:
@@ -162,4 +181,4 @@ def tune_nemo_pipeline(cfg: Any) -> dict:
             error = box[0]
         if error:
             raise RuntimeError(f"writing {dst} failed on rank 0: {error}")
-    return {"first": first, "last": last, "steps": steps, "output": str(dst)}
+    return {"first": first, "last": last, "steps": steps, "output": str(dst), "loss": loss, "seq_length": seq_length}

@@ -269,8 +269,9 @@ class PipelineEETuner:
                 return hidden, None
             return torch.zeros(()), lambda out: (out, {})
 
+        seq_length = microbatches[0]["tokens"].shape[1]  # the tuning windows' (may be below the model's seq_length)
         get_forward_backward_func()(
-            **schedule_kwargs(forward_step, [self.model], microbatches, self.ee_config.seq_length), forward_only=True)
+            **schedule_kwargs(forward_step, [self.model], microbatches, seq_length), forward_only=True)
         self._clip_and_step()
         if self.pp_size > 1:
             dist.all_reduce(sums, group=self.pp_group)  # each exit lives on one stage: a sum gathers them

@@ -348,3 +348,41 @@ def test_split_microbatches():
 def test_split_microbatches_indivisible():
     with pytest.raises(ValueError, match="divisible"):
         split_microbatches(_batch(6), 4)
+
+
+# ---------------------------------------------------------------- distillation (EE-Tuning loss=kl)
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.5])
+def test_distillation_kl_matches_kl_div(temperature):
+    from nemo_ee.models.losses import distillation_kl, distillation_targets
+
+    g = torch.Generator().manual_seed(0)
+    final = torch.randn(2, 5, 11, generator=g) * 3
+    student = (torch.randn(2, 5, 11, generator=g) * 3).requires_grad_(True)
+    keep = final.clone()
+    probs, neg_entropy = distillation_targets(final, temperature)
+    assert torch.equal(final, keep)  # not in place unless asked
+    assert not probs.requires_grad and probs.shape == final.shape and neg_entropy.shape == (2, 5)
+    got = distillation_kl(student, probs, neg_entropy, temperature)
+    ref = F.kl_div(F.log_softmax(student / temperature, -1), F.log_softmax(final / temperature, -1),
+                   reduction="none", log_target=True).sum(-1) * temperature ** 2
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    got.sum().backward()
+    # d/dz T^2 KL(p || softmax(z / T)) = T (softmax(z / T) - p)
+    expected = temperature * (torch.softmax(student.detach() / temperature, -1) - torch.softmax(final / temperature, -1))
+    torch.testing.assert_close(student.grad, expected, rtol=1e-5, atol=1e-6)
+    # in place: the logits buffer becomes p log p, the result is the same
+    buf = final.clone()
+    p2, e2 = distillation_targets(buf, temperature, inplace=True)
+    torch.testing.assert_close(p2, probs, rtol=0, atol=0)
+    torch.testing.assert_close(e2, neg_entropy, rtol=0, atol=0)
+    assert not torch.equal(buf, final)
+
+
+def test_distillation_kl_is_zero_on_the_teacher_and_fp32_for_bf16():
+    from nemo_ee.models.losses import distillation_kl, distillation_targets
+
+    logits = torch.randn(3, 7, 13).bfloat16()
+    probs, neg_entropy = distillation_targets(logits, 2.0, inplace=True)
+    assert probs.dtype == torch.float32 and neg_entropy.dtype == torch.float32
+    kl = distillation_kl(logits, probs, neg_entropy, 2.0)  # bf16 logits untouched (the fp32 copy was used)
+    assert kl.dtype == torch.float32 and float(kl.abs().max()) < 1e-5
