@@ -33,6 +33,9 @@ setup(
         "tensorboard",
         "tqdm",
         "matplotlib",
+        # transformers' GGUF loader (the default real model, SmolLM2, is a GGUF file)
+        "gguf>=0.10",
+        "accelerate>=1.0",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout"],

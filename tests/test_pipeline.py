@@ -28,10 +28,19 @@ SHORT = [
     "--warmup,1,--threads,1]",
     "stages.benchmarks.bench_decode.args=[--quick,--nemo,'{nemo}',--out,'{out}',--no-profile,--prompts,2,--prompt-len,4,"
     "--new-tokens,8,--batch,2,--val-windows,2,--step,0.5]",
+    "stages.real_import.skip=true",  # the real model's stages have their own test (test_pipeline_real.py)
 ]
+REAL_STAGES = ["real_import", "real_add_exits", "real_data", "real_ee_tune", "real_calibrate", "real_sweep"]
 STAGE_NAMES = ["corpus", "pretrain_plain", "pretrain_ee", "add_exits", "ee_tune", "loss_curves", "evaluate", "calibrate",
-               "decode_sweep", "triton", "benchmarks"]
+               "decode_sweep", "triton", "benchmarks"]  # the tiny-model run (SHORT skips the real model's stages)
+ALL_STAGES = STAGE_NAMES[:9] + REAL_STAGES + STAGE_NAMES[9:]
 AFTER_TUNING = STAGE_NAMES[STAGE_NAMES.index("loss_curves"):]
+REAL_SKIPPED = {"real_import": ("skip", "skip=true"),
+                "real_add_exits": ("skip", "needs real_import, which is skipped"),
+                "real_data": ("skip", "needs real_import, which is skipped"),
+                "real_ee_tune": ("skip", "needs real_add_exits, which is skipped"),
+                "real_calibrate": ("skip", "needs real_ee_tune, which is skipped"),
+                "real_sweep": ("skip", "needs real_calibrate, which is skipped")}
 
 
 def config(tmp_path, *overrides):
@@ -147,12 +156,18 @@ def test_skipping_a_stage_skips_what_needs_it(tmp_path):
         "add_exits": ("skip", "needs pretrain_plain, which is skipped"),
         "ee_tune": ("skip", "needs add_exits, which is skipped"),
         **{n: ("run", "not run yet") for n in AFTER_TUNING},
+        **REAL_SKIPPED,
     }
     got = actions(plan_pipeline(config(tmp_path, "stages.pretrain_ee.skip=true", "stages.add_exits.skip=true")))
     assert got["evaluate"] == ("skip", "needs pretrain_ee or add_exits or ee_tune, which is skipped")
     assert got["calibrate"] == ("skip", "needs pretrain_ee or ee_tune, which is skipped")
-    assert got["triton"] == ("skip", "needs calibrate, which is skipped")
+    assert got["triton"] == ("skip", "needs calibrate or real_calibrate, which is skipped")
     assert got["benchmarks"] == ("run", "not run yet")  # bench_decode alone needs a model; it says so when run
+    # with the real model's stages the Triton stage serves the real model, whatever the tiny stages do
+    got = actions(plan_pipeline(config(tmp_path, "stages.pretrain_ee.skip=true", "stages.add_exits.skip=true",
+                                       "stages.real_import.skip=false")))
+    assert got["triton"] == ("run", "not run yet") and got["calibrate"][0] == "skip"
+    assert all(got[n] == ("run", "not run yet") for n in REAL_STAGES)
 
 
 def _mark_all_done(plan, root):
@@ -172,15 +187,16 @@ def test_resume_reuses_done_stages_and_reruns_what_a_change_touches(tmp_path):
     from nemo_ee.pipeline.base import write_marker
 
     root = tmp_path / "out" / "run"
-    first = plan_pipeline(config(tmp_path))
+    first = [p for p in plan_pipeline(config(tmp_path)) if p.stage.name not in REAL_SKIPPED]
     assert {p.action for p in first} == {"run"}
     _mark_all_done(first, root)
-    assert {a for a, _ in actions(plan_pipeline(config(tmp_path))).values()} == {"reuse"}
+    assert {n: a for n, (a, _) in actions(plan_pipeline(config(tmp_path))).items()} == {
+        **{n: "reuse" for n in STAGE_NAMES}, **{n: "skip" for n in REAL_STAGES}}
 
     # a tuning setting changes: EE-Tuning and what reads its model rerun, nothing upstream does
     got = actions(plan_pipeline(config(tmp_path, "stages.ee_tune.max_steps=11")))
     assert got == {**{n: ("reuse", "done earlier") for n in STAGE_NAMES[:4]},
-                   **{n: ("run", "config changed") for n in ["ee_tune", *AFTER_TUNING]}}
+                   **{n: ("run", "config changed") for n in ["ee_tune", *AFTER_TUNING]}, **REAL_SKIPPED}
     # a sweep setting reruns the sweep only
     got = actions(plan_pipeline(config(tmp_path, "stages.decode_sweep.repeats=2")))
     assert {n for n, (a, _) in got.items() if a == "run"} == {"decode_sweep"}
@@ -309,10 +325,10 @@ def test_pipeline_end_to_end_then_a_rerun_skips_every_stage(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     root = tmp_path / "out" / "e2e"
     info = json.loads((root / "pipeline.json").read_text())
-    expected = [(n, "skip" if n == "triton" and no_triton else "run") for n in STAGE_NAMES]
+    expected = [(n, "skip" if (n == "triton" and no_triton) or n in REAL_STAGES else "run") for n in ALL_STAGES]
     assert [(s["stage"], s["action"]) for s in info["stages"]] == expected
-    for n in STAGE_NAMES:
-        assert f"=== [{STAGE_NAMES.index(n) + 1}/{len(STAGE_NAMES)}] {n}: " in proc.stdout
+    for n in ALL_STAGES:
+        assert f"=== [{ALL_STAGES.index(n) + 1}/{len(ALL_STAGES)}] {n}: " in proc.stdout
 
     report = (root / "report.md").read_text()
     headers, rows = parse_table(report, "Validation loss per exit")
@@ -339,7 +355,8 @@ def test_pipeline_end_to_end_then_a_rerun_skips_every_stage(tmp_path):
     again = run_script(tmp_path, "name=e2e")
     assert again.returncode == 0, again.stderr[-3000:]
     info = json.loads((root / "pipeline.json").read_text())
-    assert [(s["stage"], s["action"]) for s in info["stages"]] == [(n, "reuse") for n in STAGE_NAMES]
+    assert [(s["stage"], s["action"]) for s in info["stages"]] == [
+        (n, "skip" if n in REAL_STAGES else "reuse") for n in ALL_STAGES]
     assert info["wall_time_s"] < 5
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*.nemo")} == stamps
     assert parse_table((root / "report.md").read_text(), "Validation loss per exit")[1] == rows
@@ -447,6 +464,7 @@ def check_later_stages(root: Path, report: str, no_triton) -> None:
     results = json.loads((root / "benchmarks" / "results.json").read_text())
     assert {k: v["status"] for k, v in results.items()} == {
         "bench_bubble_fill": "disabled", "bench_decode": "ok", "bench_pipeline_comm": "disabled",
+        "bench_real_model": "skipped: no calibrated real model in this run",
         "bench_train_overhead": "disabled", "bench_tuning": "ok", "bench_triton": "disabled"}
     assert results["bench_decode"]["values"]["selfspec_identical"] == "true"
     assert 0 < results["bench_tuning"]["values"]["time_ratio"] and 0 < results["bench_tuning"]["values"]["memory_ratio"] < 1

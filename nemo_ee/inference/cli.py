@@ -249,6 +249,9 @@ def calibrate_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default="max_prob", help=f"exit policy, one of {list(POLICIES)}")
     p.add_argument("--prompts-file", help="prompts (.json list of strings, else one per line) instead of the "
                                           "validation split of the model's corpus")
+    p.add_argument("--chat-prompts", action="store_true",
+                   help="chat prompts made from the stdlib's validation split, through the model's chat template "
+                        "(for an imported chat model; --num-prompts of them); --prompt-tokens is not used")
     p.add_argument("--num-prompts", type=int, default=32, help="validation prompts to use (default 32)")
     p.add_argument("--prompt-tokens", type=int, default=32, help="tokens per validation prompt (default 32)")
     p.add_argument("--corpus-root", help="corpus directory for the validation split (default: the .nemo's data)")
@@ -274,8 +277,14 @@ def run_calibrate(args: argparse.Namespace, out: Any = None) -> Any:
         raise FileExistsError(f"--out {dst} exists; add --overwrite to replace it (or use --in-place)")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size} must be >= 1")
+    if args.chat_prompts and args.prompts_file:
+        raise ValueError("give either --chat-prompts or --prompts-file, not both")
     nemo = load_nemo_for_inference(args.nemo)
-    if args.prompts_file:
+    if args.chat_prompts:
+        from nemo_ee.data.chat_prompts import chat_prompt_ids
+
+        prompts = chat_prompt_ids(nemo.tokenizer, args.num_prompts, seed=1)
+    elif args.prompts_file:
         prompts = [nemo.tokenizer.encode(t) for t in read_prompts(args.prompts_file)]
     else:
         prompts = validation_prompts(nemo, args.num_prompts, args.prompt_tokens, args.corpus_root)

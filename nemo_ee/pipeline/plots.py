@@ -112,6 +112,29 @@ def sweep_comparison(path: Path, sweeps: dict[str, Sequence[dict]], target: floa
     return _save(fig, path, note, 0.03)
 
 
+def selfspec_plot(path: Path, rows: Sequence[dict], title: str, note: Optional[str] = None) -> Path:
+    """Self-speculative speedup over full decoding (bars) and the share of drafted tokens (line) per draft length."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.6), dpi=110)
+    ks = [str(r["num_draft"]) for r in rows]
+    bars = ax.bar(ks, [r["speedup"] for r in rows], color=COLORS[0], label="speedup over full decoding")
+    ax.bar_label(bars, labels=[f"{r['speedup']:.2f}{'' if r['identical'] else ' (not identical!)'}" for r in rows],
+                 padding=2, fontsize=9)
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xlabel("tokens drafted per verification (k)", fontsize=10)
+    ax.set_ylabel("speedup (x), output identical to full", fontsize=10)
+    ax.set_ylim(0, max([1.0] + [r["speedup"] for r in rows]) * 1.2)
+    share = ax.twinx()
+    share.plot(ks, [r["draft_share"] for r in rows], "o-", color=COLORS[1], label="share of tokens drafted")
+    share.set_ylim(0, 1.05)
+    share.set_ylabel("share of output tokens that were drafted", fontsize=10)
+    ax.set_title(title, fontsize=11)
+    ax.grid(axis="y", alpha=0.3)
+    handles = ax.get_legend_handles_labels()[0] + share.get_legend_handles_labels()[0]
+    ax.legend(handles, [h.get_label() for h in handles], fontsize=9, loc="upper right")
+    return _save(fig, path, note, 0.03)
+
+
 def _save(fig: Any, path: Path, note: Optional[str], note_height: float) -> Path:
     """Footnote (if any), tight layout leaving ``note_height`` for it, write the PNG, free the figure."""
     if note:

@@ -2,6 +2,7 @@
 tritonclient, stop it) and ``benchmarks`` (every scripts/bench_*.py with short settings, RESULT lines)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,11 +16,14 @@ from nemo_ee.pipeline.base import StageContext, StageResult, plain_dict, write_j
 from nemo_ee.pipeline.report import Section, markdown_table, text_table
 
 REPO = Path(__file__).resolve().parents[2]
-TRITON_KEYS = ("queries", "max_tokens", "protocol", "start_timeout", "request_timeout")
+TRITON_KEYS = ("queries", "chat_queries", "max_tokens", "chat_max_tokens", "protocol", "start_timeout",
+               "request_timeout")
 BENCH_WHAT = {  # one line each for the report; each script's docstring has the details
     "bench_bubble_fill": "PP=2 training with bubble-filling micro-batches vs without, same wall-clock budget: "
                          "exit-loss progress ratio",
     "bench_decode": "early-exit vs full decoding: efficiency, speedup at 98% agreement, self-speculative, batched",
+    "bench_real_model": "SmolLM2 (real model): full decode vs HF generate at batch 1 / 8, early exit at the "
+                        "calibrated thresholds, self-speculative vs HF generate and HF assistant_early_exit",
     "bench_pipeline_comm": "PP=2 training: point-to-point messages per step with vs without exits, step-time ratio",
     "bench_train_overhead": "training step time with exits / without, measured vs FLOP prediction",
     "bench_tuning": "EE-Tuning vs full fine-tuning: step-time and memory ratios",
@@ -39,10 +43,11 @@ def triton_settings(cfg: DictConfig) -> dict:
 def check_triton(cfg: DictConfig, given: dict) -> None:
     """Non-empty text queries, positive max_tokens and timeouts, grpc or http; tritonserver and tritonclient found."""
     s = triton_settings(cfg)
-    queries = s["queries"]
-    if not isinstance(queries, list) or not queries or not all(isinstance(q, str) and q for q in queries):
-        raise ValueError(f"stages.triton.queries={queries!r} must be a non-empty list of non-empty strings")
-    for key in ("max_tokens", "start_timeout", "request_timeout"):
+    for name in ("queries", "chat_queries"):
+        queries = s[name]
+        if not isinstance(queries, list) or not queries or not all(isinstance(q, str) and q for q in queries):
+            raise ValueError(f"stages.triton.{name}={queries!r} must be a non-empty list of non-empty strings")
+    for key in ("max_tokens", "chat_max_tokens", "start_timeout", "request_timeout"):
         value = s[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise ValueError(f"stages.triton.{key}={value!r} must be a positive number")
@@ -68,13 +73,15 @@ def run_triton(ctx: StageContext) -> StageResult:
     from nemo_ee.inference.loading import inference_defaults, load_nemo_for_inference
 
     s = triton_settings(ctx.cfg)
-    nemo_path = ctx.inputs["calibrate"]["nemo"]
+    chat = "real_calibrate" in ctx.inputs  # the real model when the run has one: chat requests
+    nemo_path = ctx.inputs["real_calibrate" if chat else "calibrate"]["nemo"]
+    max_tokens = int(s["chat_max_tokens"] if chat else s["max_tokens"])
     repo = ctx.stage_dir / "repository"
     model_dir = write_repository(nemo_path, repo, "ee_gpt", copy=False, overwrite=True, num_threads=1)
     params = read_parameters(model_dir)
     print(f"exported {nemo_path} -> {model_dir} (exit_thresholds {params.get('exit_thresholds') or '-'})", flush=True)
     local = load_nemo_for_inference(nemo_path)  # the same request decoded in this process, for comparison
-    local_params = GenerationParams(max_tokens=int(s["max_tokens"]), stop_token_ids=(local.tokenizer.eos_id,),
+    local_params = GenerationParams(max_tokens=max_tokens, stop_token_ids=tuple(local.tokenizer.eos_ids),
                                     **inference_defaults(local.cfg))
     answers: list[dict[str, Any]] = []
     t0 = time.time()
@@ -94,10 +101,17 @@ def run_triton(ctx: StageContext) -> StageResult:
     print(f"tritonserver ready in {started:.1f}s (HTTP {server.http_url}, gRPC {server.grpc_url})", flush=True)
     try:
         url = server.grpc_url if s["protocol"] == "grpc" else server.http_url
-        for text in s["queries"]:
-            result = client.generate(url, "ee_gpt", text, int(s["max_tokens"]), s["protocol"], True,
-                                     float(s["request_timeout"]))
-            mine = generate(local.model, [local.tokenizer.encode(text)], local_params)[0]
+        for text in s["chat_queries" if chat else "queries"]:
+            if chat:  # sent as a chat: the server applies the model's chat template
+                messages = [{"role": "user", "content": text}]
+                result = client.generate(url, "ee_gpt", None, max_tokens, s["protocol"], True,
+                                         float(s["request_timeout"]), messages=json.dumps(messages))
+                ids = local.tokenizer.apply_chat_template(messages)
+            else:
+                result = client.generate(url, "ee_gpt", text, max_tokens, s["protocol"], True,
+                                         float(s["request_timeout"]))
+                ids = local.tokenizer.encode(text)
+            mine = generate(local.model, [ids], local_params)[0]
             answers.append({"prompt": text, "text": result.text, "output_ids": list(result.output_ids),
                             "exit_layers": list(result.exit_layers), "finish_reason": result.finish_reason,
                             "seconds": result.seconds, "first_seconds": result.first_seconds,
@@ -112,16 +126,20 @@ def run_triton(ctx: StageContext) -> StageResult:
     write_json(json_path, {"nemo": nemo_path, "repository": str(repo), "startup_s": started, "answers": answers})
     layers = local.ee_config.num_layers
     cell = lambda text: f"`{text!r}`".replace("|", "\\|")  # noqa: E731 - a table cell never breaks the table
-    rows = [[cell(a["prompt"]), cell(a["text"]), len(a["output_ids"]),
+    rows = [[cell(a["prompt"]), cell(a["text"]), len(a["output_ids"]), a["finish_reason"],
              sum(a["exit_layers"]) / max(1, len(a["exit_layers"])), a["seconds"], "yes" if a["same_as_local"] else "NO"]
             for a in answers]
-    headers = ["prompt", "answer", "tokens", f"mean exit depth (of {layers})", "seconds", "same as local decoding"]
+    headers = ["prompt", "answer", "tokens", "finish", f"mean exit depth (of {layers})", "seconds",
+               "same as local decoding"]
     print(text_table(headers, [[repr(a["prompt"]), repr(a["text"]), *r[2:]] for a, r in zip(answers, rows)], 2),
           flush=True)
-    body = (f"The calibrated EE-tuned model (`{nemo_path}`) exported to a Triton model repository "
-            f"(`{model_dir}`, nemo_ee's Python backend with in-flight batching; default thresholds from the "
+    what = ("chat messages (the server applies the model's chat template; answers end at its eos)" if chat
+            else "plain prompts")
+    body = (f"The calibrated EE-tuned {'real model' if chat else 'model'} (`{nemo_path}`) exported to a Triton model "
+            f"repository, queried with {what}: "
+            f"`{model_dir}` (nemo_ee's Python backend with in-flight batching; default thresholds from the "
             f"calibration), served by a real `tritonserver` on loopback (ready after {started:.0f}s), queried "
-            f"through tritonclient ({s['protocol']}, streaming, {s['max_tokens']} tokens at most), then stopped. "
+            f"through tritonclient ({s['protocol']}, streaming, {max_tokens} tokens at most), then stopped. "
             f"Each answer is compared with decoding the same prompt in this process.\n\n"
             + markdown_table(headers, rows, 2) + f"\n\nAnswers: `{json_path.relative_to(ctx.run_dir).as_posix()}`; "
             f"server log: `triton/tritonserver_{attempt}.log`.")
@@ -195,6 +213,8 @@ def run_benchmarks(ctx: StageContext) -> StageResult:
     """Every enabled scripts/bench_*.py, one after the other; ``{nemo}`` in args is the EE-tuned model."""
     s = bench_settings(ctx.cfg)
     source = ctx.inputs.get("calibrate") or ctx.inputs.get("ee_tune") or ctx.inputs.get("pretrain_ee") or {}
+    real = {"{real_nemo}": (ctx.inputs.get("real_calibrate") or {}).get("nemo"),
+            "{real_hf_dir}": (ctx.inputs.get("real_import") or {}).get("hf_dir")}
     results: dict[str, dict] = {}
     for name in BENCHES:
         entry = s[name]
@@ -205,10 +225,15 @@ def run_benchmarks(ctx: StageContext) -> StageResult:
         if any("{nemo}" in a for a in args) and not source.get("nemo"):
             results[name] = {"status": "skipped: no early-exit model in this run", "result": None}
             continue
+        if any(key in a and not value for a in args for key, value in real.items()):
+            results[name] = {"status": "skipped: no calibrated real model in this run", "result": None}
+            continue
         out = (ctx.stage_dir / name).resolve()  # absolute: each benchmark runs in its own directory
         out.mkdir(parents=True, exist_ok=True)
         nemo = Path(str(source.get("nemo"))).resolve()
         args = [a.replace("{nemo}", str(nemo)).replace("{out}", str(out)) for a in args]
+        for key, value in real.items():
+            args = [a.replace(key, str(Path(str(value)).resolve())) if value else a for a in args]
         results[name] = run_bench(name, args, out / "output.log", float(s["timeout"]))
     json_path = ctx.stage_dir / "results.json"
     write_json(json_path, results)

@@ -19,6 +19,7 @@ from nemo_ee.pipeline.stage_pretrain import (
     check_pretrain_ee, check_pretrain_plain, pretrain_ee_settings, pretrain_plain_settings, run_pretrain_ee,
     run_pretrain_plain,
 )
+from nemo_ee.pipeline import stage_real as real
 from nemo_ee.pipeline.stage_serve import (
     BENCH_KEYS, TRITON_KEYS, bench_settings, check_benchmarks, check_triton, run_benchmarks, run_triton,
     triton_settings,
@@ -52,10 +53,25 @@ STAGES: list[Stage] = [
     Stage("decode_sweep", "threshold sweep: speedup, agreement, exit depth; sample generations", run_sweep,
           sweep_settings, wants=("pretrain_ee", "ee_tune", "calibrate"), needs_any=True,
           keys=frozenset(SWEEP_KEYS), check=check_sweep),
+    Stage("real_import", "import the real model (SmolLM2-135M-Instruct GGUF) with its own tokenizer",
+          real.run_real_import, real.import_settings, pointer="nemo", keys=frozenset(real.IMPORT_KEYS),
+          check=real.check_real_import),
+    Stage("real_add_exits", "add exits to the real model", real.run_real_add_exits, real.add_settings,
+          needs=("real_import",), pointer="nemo", keys=frozenset(real.ADD_KEYS), check=real.check_real_add_exits),
+    Stage("real_data", "tuning data: the real model's own answers to chat prompts", real.run_real_data,
+          real.data_settings, needs=("real_import",), keys=frozenset(real.DATA_KEYS), check=real.check_real_data),
+    Stage("real_ee_tune", "EE-Tuning the real model (backbone frozen)", real.run_real_ee_tune, real.tune_settings,
+          needs=("real_add_exits",), wants=("real_data",), pointer="nemo", keys=None, check=real.check_real_ee_tune),
+    Stage("real_calibrate", "calibrate the real model's exits on chat prompts", real.run_real_calibrate,
+          real.calibrate_settings, needs=("real_ee_tune",), keys=frozenset(real.CALIBRATE_KEYS),
+          check=real.check_real_calibrate),
+    Stage("real_sweep", "the real model: threshold sweep, self-speculative drafts, chat samples", real.run_real_sweep,
+          real.sweep_settings, needs=("real_calibrate",), keys=frozenset(real.SWEEP_KEYS), check=real.check_real_sweep),
     Stage("triton", "serve the calibrated EE-tuned model on Triton and query it", run_triton, triton_settings,
-          needs=("calibrate",), keys=frozenset(TRITON_KEYS), check=check_triton),
+          wants=("calibrate", "real_calibrate"), needs_any=True, keys=frozenset(TRITON_KEYS), check=check_triton),
     Stage("benchmarks", "every scripts/bench_*.py with short settings", run_benchmarks, bench_settings,
-          wants=("pretrain_ee", "ee_tune", "calibrate"), keys=BENCH_KEYS, check=check_benchmarks),
+          wants=("pretrain_ee", "ee_tune", "calibrate", "real_import", "real_calibrate"), keys=BENCH_KEYS,
+          check=check_benchmarks),
 ]
 
 

@@ -23,6 +23,7 @@ import dataclasses
 import math
 import numbers
 import sys
+from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
@@ -278,7 +279,89 @@ def check_tuning_settings(cfg: Any) -> tuple[str, float]:
         raise ValueError(f"loss=kl needs pipeline_model_parallel_size=1 (got {pp!r}): the teacher (the final norm and "
                          "output layer) is on the last pipeline stage while the exits sit on earlier ones, and the "
                          "pipeline tuner builds the model only up to its last exit; use loss=ce at PP > 1")
+    data_sources(cfg)
+    lstsq_settings(cfg)
     return loss, temperature
+
+
+def lstsq_settings(cfg: Any) -> tuple[int, float]:
+    """(windows, ridge) of the least-squares exit init (``lstsq_init_windows`` 0: off), checked."""
+    windows, ridge = cfg.get("lstsq_init_windows", 0), cfg.get("lstsq_ridge", 1e-2)
+    if isinstance(windows, bool) or not isinstance(windows, numbers.Integral) or windows < 0:
+        raise ValueError(f"lstsq_init_windows={windows!r} must be an integer >= 0 (0: copy init only)")
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not math.isfinite(ridge) or ridge < 0:
+        raise ValueError(f"lstsq_ridge={ridge!r} must be a finite number >= 0")
+    if windows and cfg.get("pipeline_model_parallel_size", 1) != 1:
+        raise ValueError(f"lstsq_init_windows={windows} needs pipeline_model_parallel_size=1 (the fit reads the final "
+                         "output layer's input)")
+    return int(windows), float(ridge)
+
+
+def lstsq_init(model: torch.nn.Module, dataset: Any, order: torch.Tensor, cfg: Any) -> dict:
+    """Fit the exits' output layers by least squares on the first ``lstsq_init_windows`` windows of the run's
+    sample order (:mod:`nemo_ee.tuning.lstsq_init`); {} when off. Prints the fit per exit."""
+    from nemo_ee.tuning.lstsq_init import fit_exit_output_layers
+
+    windows, ridge = lstsq_settings(cfg)
+    if not windows:
+        return {}
+    batches = (step_batch(dataset, order, i, 1) for i in range(min(windows, len(order))))
+    stats = fit_exit_output_layers(model, batches, ridge)
+    layers = model.ee_config.exit_layer_nums
+    for index, st in stats.items():
+        log_line(f"least-squares init, exit at layer {layers[index]}: relative residual {st['residual']:.4f} "
+                 f"(copy init {st['identity_residual']:.4f}) over {st['tokens']} tokens")
+    return {layers[i]: st for i, st in stats.items()}
+
+
+def data_sources(cfg: Any) -> tuple[bool, list[Path]]:
+    """(use the corpus, token files) of the tuning ``data`` section, checked: ``data.corpus`` (windows of the
+    model's corpus) and ``data.token_files`` (.npy token streams, e.g. the model's own chat answers written by
+    scripts/make_tuning_data.py); at least one source."""
+    data = cfg.get("data") or {}
+    corpus = data.get("corpus", True)
+    if not isinstance(corpus, bool):
+        raise ValueError(f"data.corpus={corpus!r} must be true or false")
+    files = data.get("token_files") or []
+    if isinstance(files, str):
+        files = [files]
+    paths = [Path(str(f)) for f in files]
+    for path in paths:
+        if path.suffix != ".npy" or not path.is_file():
+            raise FileNotFoundError(f"data.token_files: {path} is not an .npy file")
+    if not corpus and not paths:
+        raise ValueError("data.corpus=false and no data.token_files: nothing to tune on")
+    return corpus, paths
+
+
+def tuning_dataset(cfg: Any, model_cfg: Any, tokenizer: Any, seq_length: int, vocab_size: int) -> Any:
+    """The windows EE-Tuning trains on: the corpus's train split and/or each of ``data.token_files``
+    (concatenated, in that order); a token file with ids outside the vocabulary is an error."""
+    import numpy as np
+    from omegaconf import OmegaConf
+    from torch.utils.data import ConcatDataset
+
+    from nemo_ee.data import TokenWindowDataset, build_datasets
+    from nemo_ee.models.nemo_model import _cache_dir, _corpus_spec
+
+    corpus, paths = data_sources(cfg)
+    parts: list = []
+    if corpus:
+        overrides = {k: v for k, v in (cfg.get("data") or {}).items()
+                     if v is not None and k not in ("corpus", "token_files")}
+        data_cfg = OmegaConf.merge(model_cfg.data, overrides)
+        # the cache holds the tokenized corpus (keyed by corpus and tokenizer); windows are cut at any length
+        parts.append(build_datasets(_corpus_spec(data_cfg), tokenizer, seq_length, _cache_dir(model_cfg))[0])
+    for path in paths:
+        tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+        if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
+            raise ValueError(f"data.token_files: {path} must hold a 1-D integer array, got {tokens.dtype} "
+                             f"{list(tokens.shape)}")
+        if len(tokens) and int(tokens.max()) >= vocab_size:
+            raise ValueError(f"data.token_files: {path} has token id {int(tokens.max())}, outside the model's "
+                             f"vocabulary 0..{vocab_size - 1}")
+        parts.append(TokenWindowDataset(tokens, seq_length))
+    return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
 
 def tuning_seq_length(value: Any, model_seq_length: int) -> int:
@@ -326,12 +409,7 @@ def tune_nemo(cfg: Any) -> dict:
     Returns {"first": {exit: loss}, "last": {exit: loss}, "steps": n, "output": path, "loss": "ce" | "kl",
     "seq_length": n}.
     """
-    from pathlib import Path
-
-    from omegaconf import OmegaConf
-
-    from nemo_ee.data import build_datasets
-    from nemo_ee.models.nemo_model import EarlyExitGPTNeMoModel, _cache_dir, _corpus_spec
+    from nemo_ee.models.nemo_model import EarlyExitGPTNeMoModel
 
     loss, temperature = check_tuning_settings(cfg)
     pp = cfg.get("pipeline_model_parallel_size", 1)
@@ -356,16 +434,15 @@ def tune_nemo(cfg: Any) -> dict:
         raise ValueError("EE-Tuning from a .nemo runs single-process at TP=PP=1")
     if not ee.num_exits:
         raise ValueError(f"{src} has no exits: add them first with scripts/add_exits.py")
-    data_cfg = OmegaConf.merge(model.cfg.data, {k: v for k, v in (cfg.get("data") or {}).items() if v is not None})
-    # The cache holds the tokenized corpus (keyed by corpus and tokenizer); windows are cut from it at any length.
-    train_ds, _ = build_datasets(_corpus_spec(data_cfg), model.tokenizer, seq_length, _cache_dir(model.cfg))
+    train_ds = tuning_dataset(cfg, model.cfg, model.tokenizer, seq_length, ee.vocab_size)
+    order = batch_order(len(train_ds), int(cfg.seed))
+    fit = lstsq_init(model.model, train_ds, order, cfg)
     optim = cfg.optim
     tuner = EETuner(model.model, lr=float(optim.lr), weight_decay=float(optim.weight_decay),
                     optimizer=str(cfg.get("optimizer", "torch")), clip_grad=float(optim.clip_grad),
                     max_steps=int(cfg.max_steps), loss=loss, kl_temperature=temperature)
     mbs, steps, every = int(cfg.micro_batch_size), int(cfg.max_steps), max(1, int(cfg.get("log_every_n_steps", 10)))
     label = loss_label(loss, temperature)
-    order = batch_order(len(train_ds), int(cfg.seed))
     first = last = {}
     with progress(steps, label) as bar:
         for step in range(steps):
@@ -380,4 +457,5 @@ def tune_nemo(cfg: Any) -> dict:
         p.requires_grad_(True)
     save_nemo(model, dst)
     print(f"wrote {dst}")
-    return {"first": first, "last": last, "steps": steps, "output": str(dst), "loss": loss, "seq_length": seq_length}
+    return {"first": first, "last": last, "steps": steps, "output": str(dst), "loss": loss, "seq_length": seq_length,
+            "lstsq_init": fit}

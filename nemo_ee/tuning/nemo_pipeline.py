@@ -97,12 +97,12 @@ def tune_nemo_pipeline(cfg: Any) -> dict:
     from omegaconf import OmegaConf
 
     from nemo_ee.config import EarlyExitConfig
-    from nemo_ee.data import build_datasets, load_tokenizer
-    from nemo_ee.models.nemo_model import _arch_dict, _cache_dir, _corpus_spec
+    from nemo_ee.data import load_tokenizer
+    from nemo_ee.models.nemo_model import _arch_dict
     from nemo_ee.parallel.schedules import split_microbatches
     from nemo_ee.tuning.ee_tune import (
         batch_order, check_tuning_settings, format_losses, log_line, loss_label, nemo_seq_length, progress, step_batch,
-        step_line, tuning_seq_length,
+        step_line, tuning_dataset, tuning_seq_length,
     )
     from nemo_ee.tuning.pipeline import (
         PipelineEETuner, build_tuning_stage, gather_exit_state, init_tuning_parallel, load_stage_from_safetensors,
@@ -146,10 +146,9 @@ def tune_nemo_pipeline(cfg: Any) -> dict:
         # the model's own tokenizer, as EarlyExitGPTNeMoModel loads it (an imported model's HF tokenizer included)
         tokenizer = load_tokenizer(artifact(model_cfg.tokenizer.tokenizer_file),
                                    artifact(model_cfg.tokenizer.get("hf_tokenizer_file")))
-        data_cfg = OmegaConf.merge(model_cfg.data, {k: v for k, v in (cfg.get("data") or {}).items() if v is not None})
         for turn in (0, 1):  # rank 0 tokenizes (and caches) the corpus first; the others then read the cache
             if (_rank() == 0) == (turn == 0):
-                train_ds, _ = build_datasets(_corpus_spec(data_cfg), tokenizer, seq_length, _cache_dir(model_cfg))
+                train_ds = tuning_dataset(cfg, model_cfg, tokenizer, seq_length, ee.vocab_size)
             _barrier()
         optim = cfg.optim
         tuner = PipelineEETuner(model, lr=float(optim.lr), weight_decay=float(optim.weight_decay),

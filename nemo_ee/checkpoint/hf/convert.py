@@ -93,14 +93,31 @@ def read_exits(hf_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return fields, state
 
 
-def convert_hf_to_nemo(hf_dir: str | Path, out: str | Path, seed: int = 1234) -> Path:
+def keep_first_layers(arch: dict, state: dict[str, torch.Tensor], num_layers: int) -> None:
+    """Cut a converted model to its first ``num_layers`` layers (embedding, final norm and output layer kept):
+    a small model of the real weights for quick trials and tests (transformers' own model with
+    ``num_hidden_layers=num_layers`` is its reference)."""
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 1 <= num_layers <= arch["num_layers"]:
+        raise ValueError(f"num_layers={num_layers!r} is outside 1..{arch['num_layers']}")
+    for key in [k for k in state if k.startswith("decoder.layers.") and int(k.split(".")[2]) >= num_layers]:
+        del state[key]
+    arch["num_layers"] = num_layers
+
+
+def convert_hf_to_nemo(hf_dir: str | Path, out: str | Path, seed: int = 1234,
+                       num_layers: Optional[int] = None) -> Path:
     """Convert an HF checkpoint directory into a .nemo of EarlyExitGPTNeMoModel. Returns ``out``.
 
     No exits, unless the directory holds the side files ``early_exits.json`` + ``early_exits.safetensors``
-    written by :mod:`nemo_ee.checkpoint.hf_export`: then the exit heads are restored too."""
+    written by :mod:`nemo_ee.checkpoint.hf_export`: then the exit heads are restored too. ``num_layers``:
+    keep only the first layers (:func:`keep_first_layers`; not with exit side files)."""
     hf_dir, out = Path(hf_dir), Path(out)
     arch, state = convert_hf_state(hf_dir)
+    if num_layers is not None:
+        keep_first_layers(arch, state, num_layers)
     exit_fields, exit_state = read_exits(hf_dir)
+    if exit_fields and num_layers is not None:
+        raise ValueError(f"{hf_dir} holds exit heads: keep all its layers (num_layers=None)")
     state.update(exit_state)
     tok_src = hf_dir / "tokenizer.json"
     if not tok_src.is_file():
