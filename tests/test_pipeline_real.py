@@ -46,6 +46,16 @@ def test_real_model_stages_end_to_end(tmp_path, smollm2_hf_dir):
     tune_log = (root / "real_ee_tune" / "tune.log").read_text()
     assert "least-squares init, exit at layer 2" in tune_log and "(kl to final, T=1)" in tune_log
 
+    # calibrated thresholds round-trip: written into the .nemo's inference section, read back as decoding defaults
+    from nemo_ee.inference.loading import inference_defaults
+    from nemo_ee.tuning.add_exits import read_nemo_config
+
+    cal = json.loads((root / "real_calibrate" / "stage.json").read_text())["artefacts"]
+    section = read_nemo_config(cal["nemo"])
+    assert section.inference.calibration.target == 0.98 and section.inference.calibration.n_prompts == 2
+    assert {int(k): float(v) for k, v in (inference_defaults(section).get("exit_thresholds") or {}).items()} == {
+        int(k): v for k, v in cal["thresholds"].items()}
+
     sweep = json.loads((root / "real_sweep" / "sweep.json").read_text())
     by_t = {r["threshold"]: r for r in sweep["rows"]}
     assert (by_t[1.0]["mean_depth"], by_t[1.0]["agreement"]) == (4.0, 1.0)  # never exits

@@ -85,8 +85,12 @@ def as_conversations(prompts: Sequence[str], system: str | None = None) -> list[
     return [head + [{"role": "user", "content": p}] for p in prompts]
 
 
-def chat_prompt_ids(tokenizer, count: int, seed: int = 0, split: str = "val") -> list[list[int]]:
-    """``count`` prompts of :func:`chat_prompts` as token ids through the tokenizer's chat template (validation
-    split by default: calibration, benchmarks and evaluation never see a tuning prompt's function)."""
+# Disjoint slices of the validation prompts (seed 0): what calibrates is never what is measured.
+CALIBRATION_OFFSET, SWEEP_OFFSET, BENCH_OFFSET = 0, 64, 128
+
+
+def chat_prompt_ids(tokenizer, count: int, offset: int = 0, split: str = "val") -> list[list[int]]:
+    """Prompts ``offset .. offset + count`` of :func:`chat_prompts` (seed 0) as token ids through the tokenizer's
+    chat template; the validation split by default (never a tuning prompt's function)."""
     return [tokenizer.apply_chat_template([{"role": "user", "content": p}])
-            for p in chat_prompts(count, split, seed=seed)]
+            for p in chat_prompts(offset + count, split)[offset:]]

@@ -30,7 +30,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from nemo_ee.data.chat_prompts import chat_prompt_ids
+from nemo_ee.data.chat_prompts import BENCH_OFFSET, chat_prompt_ids
 from nemo_ee.inference.bench import agreement, paired, predicted_selfspec
 from nemo_ee.inference.generate import GenerationParams, generate
 from nemo_ee.inference.speculative import generate_self_speculative
@@ -132,7 +132,7 @@ def run(nemo: Any, hf_dir: str | Path, num_prompts: int = 8, new_tokens: int = 6
         raise ValueError("the .nemo has no calibrated thresholds: run scripts/calibrate.py on it first")
     if not defaults.get("exit_thresholds") and defaults.get("threshold") is None:
         log("note: calibration disabled every exit (none reaches the target): early exit = full-depth decoding")
-    prompts = chat_prompt_ids(tok, max(num_prompts, batch))
+    prompts = chat_prompt_ids(tok, max(num_prompts, batch), BENCH_OFFSET)
     hf = HFSide(hf_dir, new_tokens, ee.num_layers)
     parity = check_same_weights(model, hf, prompts[0])
     log(f"same weights: max |logit diff| {parity:.2e}; {len(prompts)} prompts of {min(map(len, prompts))}.."

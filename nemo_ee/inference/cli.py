@@ -281,9 +281,9 @@ def run_calibrate(args: argparse.Namespace, out: Any = None) -> Any:
         raise ValueError("give either --chat-prompts or --prompts-file, not both")
     nemo = load_nemo_for_inference(args.nemo)
     if args.chat_prompts:
-        from nemo_ee.data.chat_prompts import chat_prompt_ids
+        from nemo_ee.data.chat_prompts import CALIBRATION_OFFSET, chat_prompt_ids
 
-        prompts = chat_prompt_ids(nemo.tokenizer, args.num_prompts, seed=1)
+        prompts = chat_prompt_ids(nemo.tokenizer, args.num_prompts, CALIBRATION_OFFSET)
     elif args.prompts_file:
         prompts = [nemo.tokenizer.encode(t) for t in read_prompts(args.prompts_file)]
     else:

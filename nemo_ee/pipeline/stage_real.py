@@ -243,7 +243,7 @@ def check_real_calibrate(cfg: DictConfig, given: dict) -> None:
 
 
 def run_real_calibrate(ctx: StageContext) -> StageResult:
-    from nemo_ee.data.chat_prompts import chat_prompt_ids
+    from nemo_ee.data.chat_prompts import CALIBRATION_OFFSET, chat_prompt_ids
     from nemo_ee.inference.calibrate import calibrate, format_result
     from nemo_ee.inference.cli import write_inference_section
     from nemo_ee.inference.loading import load_nemo_for_inference
@@ -251,7 +251,7 @@ def run_real_calibrate(ctx: StageContext) -> StageResult:
     s = calibrate_settings(ctx.cfg)
     src = ctx.inputs["real_ee_tune"]["nemo"]
     nemo = load_nemo_for_inference(src)
-    prompts = chat_prompt_ids(nemo.tokenizer, s["num_prompts"], seed=1)
+    prompts = chat_prompt_ids(nemo.tokenizer, s["num_prompts"], CALIBRATION_OFFSET)
     result = calibrate(nemo.model, prompts, s["target"], s["policy"], s["max_tokens"], s["batch_size"],
                        s["max_rounds"], progress=True)
     layers = nemo.ee_config.num_layers
@@ -300,7 +300,7 @@ def run_real_sweep(ctx: StageContext) -> StageResult:
     import csv
 
     from nemo_ee.inference import bench
-    from nemo_ee.data.chat_prompts import chat_prompt_ids
+    from nemo_ee.data.chat_prompts import SWEEP_OFFSET, chat_prompt_ids
     from nemo_ee.inference.bench_real import choose_draft, teacher_forced_acceptance
     from nemo_ee.inference.generate import GenerationParams, generate
     from nemo_ee.inference.loading import inference_defaults, load_nemo_for_inference
@@ -312,7 +312,7 @@ def run_real_sweep(ctx: StageContext) -> StageResult:
     nemo = load_nemo_for_inference(path)
     model, ee, tok = nemo.model, nemo.ee_config, nemo.tokenizer
     L = ee.num_layers
-    prompts = chat_prompt_ids(tok, s["prompts"], seed=2)
+    prompts = chat_prompt_ids(tok, s["prompts"], SWEEP_OFFSET)
     full = GenerationParams(max_tokens=s["new_tokens"])
     generate(model, prompts[:1], GenerationParams(max_tokens=s["new_tokens"], threshold=0.5))  # warm-up, untimed
     full_tokens = [generate(model, [p], full)[0].token_ids for p in prompts]

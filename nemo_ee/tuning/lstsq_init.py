@@ -56,7 +56,8 @@ def fit_exit_output_layers(model: torch.nn.Module, batches: Iterable[dict], ridg
     if "final" not in captured:
         raise ValueError("no batches: the least-squares exit init needs some tokens")
     y = torch.cat(captured.pop("final"))
-    weight = model.shared_embedding_or_output_weight().detach().double()
+    final = model.output_layer.weight  # None when tied: megatron then projects with the word embedding
+    weight = (final if final is not None else model.shared_embedding_or_output_weight()).detach().double()
     stats = {}
     for index, parts in sorted(captured.items()):
         x = torch.cat(parts)

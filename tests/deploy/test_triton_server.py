@@ -166,6 +166,14 @@ def test_http_generate_endpoints(server, local, prompts):
     assert answer(streamed) == want and len(streamed.chunks) == len(want[1])
     with pytest.raises(RequestError, match="max_tokens=0 must be >= 1"):
         client.generate_http(server.http_url, NAME, text, 0)
+    # chat requests reach the backend over HTTP too; this model (trained here) has no chat template
+    messages = '[{"role": "user", "content": "hi"}]'
+    with pytest.raises(RequestError, match="this model's tokenizer has no chat template"):
+        client.generate_http(server.http_url, NAME, None, 4, messages=messages)
+    with pytest.raises(RequestError, match="send either text_input or messages, not both"):
+        client.generate_http(server.http_url, NAME, text, 4, messages=messages)
+    with pytest.raises(RequestError, match="messages is not JSON"):
+        client.generate_grpc(server.grpc_url, NAME, None, 4, messages="[{")
 
 
 SETTINGS = [  # (request inputs, in-process GenerationParams fields)

@@ -140,8 +140,12 @@ def query_parser() -> argparse.ArgumentParser:
         prog="query_triton.py",
         description="Send a prompt to the early-exit model on Triton and print the generated text.",
         epilog="examples: python scripts/query_triton.py 'def main(' --max-tokens 32 --stream --show-exits\n"
+               "          python scripts/query_triton.py 'What does len() return?' --chat --max-tokens 96\n"
                "          python scripts/query_triton.py 'import ' --protocol http --threshold 0.8")
-    p.add_argument("text", help="the prompt")
+    p.add_argument("text", help="the prompt (with --chat: the user's message)")
+    p.add_argument("--chat", action="store_true",
+                   help="send the text as a user message: the server applies the model's chat template")
+    p.add_argument("--system", help="with --chat: a system message first")
     p.add_argument("--url", help="server address (default 127.0.0.1:8001 for grpc, 127.0.0.1:8000 for http)")
     p.add_argument("--protocol", choices=("grpc", "http"), default="grpc",
                    help="grpc: tritonclient streaming; http: Triton's generate / generate_stream endpoints")
@@ -160,7 +164,7 @@ def query_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int, help="random_seed")
     p.add_argument("--stop-word", action="append", help="a stop word (repeatable; single tokens)")
-    p.add_argument("--end-id", type=int, help="end token id (-1: none; default the tokenizer's end-of-text)")
+    p.add_argument("--end-id", type=int, help="end token id (-1: none; default the model's own end ids)")
     p.add_argument("--timeout", type=float, default=120, help="seconds to wait for each response (default 120)")
     return p
 
@@ -175,6 +179,13 @@ def run_query(args: argparse.Namespace, out: Any = None) -> Any:
                    num_draft_tokens=args.num_draft_tokens, draft_exit_layer=args.draft_exit_layer,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, random_seed=args.seed,
                    stop_words=args.stop_word, end_id=args.end_id)
+    text = args.text
+    if args.system and not args.chat:
+        raise ValueError("--system needs --chat")
+    if args.chat:  # sent as messages: the server applies the model's chat template
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.text}]
+        options["messages"], text = json.dumps(messages), None
     per_token = args.stream or args.show_exits
 
     def show(chunk: Any) -> str:
@@ -184,14 +195,14 @@ def run_query(args: argparse.Namespace, out: Any = None) -> Any:
 
     try:
         if args.stream:
-            print(args.text, end="", file=out, flush=True)
-            result = client.generate(url, args.model, args.text, args.max_tokens, args.protocol, True, args.timeout,
+            print(text or "", end="", file=out, flush=True)
+            result = client.generate(url, args.model, text, args.max_tokens, args.protocol, True, args.timeout,
                                      on_chunk=lambda c: print(show(c), end="", file=out, flush=True), **options)
             print(file=out)
         else:
-            result = client.generate(url, args.model, args.text, args.max_tokens, args.protocol, per_token,
+            result = client.generate(url, args.model, text, args.max_tokens, args.protocol, per_token,
                                      args.timeout, **options)
-            print(args.text + "".join(show(c) for c in result.chunks), file=out)
+            print((text or "") + "".join(show(c) for c in result.chunks), file=out)
     except ConnectionError:
         raise
     except OSError as err:  # connection refused, unreachable (urllib): say where we tried
