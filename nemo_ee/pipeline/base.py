@@ -139,6 +139,14 @@ def plain_dict(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
 
 
+def positive_ints(section: str, values: dict, keys: tuple) -> None:
+    """A clear error naming ``stages.<section>.<key>`` for the first of ``keys`` that is not an integer >= 1."""
+    for key in keys:
+        value = values.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"stages.{section}.{key}={value!r} must be an integer >= 1")
+
+
 def nemo_arch(path: str) -> dict:
     """The ``arch`` section of a .nemo's config, read from the archive without loading weights."""
     from nemo_ee.tuning.add_exits import read_nemo_config

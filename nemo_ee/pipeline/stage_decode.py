@@ -8,20 +8,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from nemo_ee.pipeline.base import StageContext, StageResult, plain_dict, write_json
+from nemo_ee.pipeline.base import StageContext, StageResult, plain_dict, positive_ints, write_json
 from nemo_ee.pipeline.report import Section, markdown_table, text_table
 
 MODELS = (("pretrain_ee", "EE-pretrained"), ("ee_tune", "EE-tuned"))
 CALIBRATE_KEYS = ("target", "policy", "num_prompts", "prompt_tokens", "max_tokens", "batch_size", "max_rounds")
 SWEEP_KEYS = ("thresholds", "prompts", "prompt_len", "new_tokens", "repeats", "clock", "val_windows", "target",
               "sample_prompts", "sample_tokens")
-
-
-def _positive_ints(section: str, values: dict, keys: tuple) -> None:
-    for key in keys:
-        value = values.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"stages.{section}.{key}={value!r} must be an integer >= 1")
 
 
 def _context(cfg: DictConfig) -> int:
@@ -40,7 +33,7 @@ def check_calibrate(cfg: DictConfig, given: dict) -> None:
     from nemo_ee.inference.calibrate import check_calibration_args
 
     s = calibrate_settings(cfg)
-    _positive_ints("calibrate", s, ("num_prompts", "prompt_tokens", "max_tokens", "batch_size"))
+    positive_ints("calibrate", s, ("num_prompts", "prompt_tokens", "max_tokens", "batch_size"))
     try:
         check_calibration_args(s["target"], s["policy"], s["max_tokens"], s["max_rounds"])
     except ValueError as exc:
@@ -105,7 +98,7 @@ def sweep_settings(cfg: DictConfig) -> dict:
 def check_sweep(cfg: DictConfig, given: dict) -> None:
     """Thresholds in [0, 1], positive counts, prompts + new tokens within the context, text sample prompts."""
     s = sweep_settings(cfg)
-    _positive_ints("decode_sweep", s, ("prompts", "prompt_len", "new_tokens", "repeats", "val_windows", "sample_tokens"))
+    positive_ints("decode_sweep", s, ("prompts", "prompt_len", "new_tokens", "repeats", "val_windows", "sample_tokens"))
     values = s["thresholds"]
     if not isinstance(values, list) or not values or not all(
             isinstance(t, (int, float)) and not isinstance(t, bool) and 0.0 <= t <= 1.0 for t in values):

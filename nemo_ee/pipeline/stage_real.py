@@ -16,7 +16,9 @@ from types import SimpleNamespace
 from omegaconf import DictConfig, OmegaConf
 
 from nemo_ee.atomic import save_nemo
-from nemo_ee.pipeline.base import COMMON_KEYS, StageContext, StageResult, nemo_arch, plain_dict, write_json
+from nemo_ee.pipeline.base import (
+    COMMON_KEYS, StageContext, StageResult, nemo_arch, plain_dict, positive_ints, write_json,
+)
 from nemo_ee.pipeline.curves import tee_stdout
 from nemo_ee.pipeline.report import Section, markdown_table, text_table
 
@@ -32,13 +34,6 @@ _TUNE_OWN = ("nemo", "restore_from", "output", "overwrite", "name")
 def _settings(cfg: DictConfig, stage: str, keys: tuple) -> dict:
     section = plain_dict(cfg.stages[stage])
     return {k: section.get(k) for k in keys}
-
-
-def _positive_ints(stage: str, values: dict, keys: tuple) -> None:
-    for key in keys:
-        value = values.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"stages.{stage}.{key}={value!r} must be an integer >= 1")
 
 
 # ---------------------------------------------------------------------------------------------- import
@@ -147,7 +142,7 @@ def data_settings(cfg: DictConfig) -> dict:
 
 def check_real_data(cfg: DictConfig, given: dict) -> None:
     s = data_settings(cfg)
-    _positive_ints("real_data", s, ("num_prompts", "max_tokens", "batch_size"))
+    positive_ints("real_data", s, ("num_prompts", "max_tokens", "batch_size"))
     if isinstance(s["seed"], bool) or not isinstance(s["seed"], int):
         raise ValueError(f"stages.real_data.seed={s['seed']!r} must be an integer")
 
@@ -177,18 +172,12 @@ def tune_settings(cfg: DictConfig) -> dict:
 
 
 def check_real_ee_tune(cfg: DictConfig, given: dict) -> None:
+    """The shared tuning-stage checks, then conf/ee_tuning.yaml's own (loss, data sources, least-squares init)."""
+    from nemo_ee.pipeline.stage_tuning import check_tune_stage
     from nemo_ee.tuning.ee_tune import check_tuning_settings
 
-    stage = cfg.stages.real_ee_tune
-    if "real_ee_tune" in given:
+    if not check_tune_stage(cfg, "real_ee_tune", given):
         return
-    for key in ("restore_from", "output"):
-        if key in stage and not OmegaConf.is_missing(stage, key):
-            raise ValueError(f"stages.real_ee_tune.{key} is set by the pipeline; remove it")
-    _positive_ints("real_ee_tune", plain_dict(stage), ("max_steps", "micro_batch_size"))
-    if stage.get("pipeline_model_parallel_size", 1) != 1:
-        raise ValueError("stages.real_ee_tune.pipeline_model_parallel_size must be 1 (the pipeline tunes in one "
-                         "process)")
     settings = OmegaConf.create(tune_settings(cfg))
     if settings.get("data") is not None:
         settings.data.token_files = []  # real_data's file does not exist yet; its own checks run then
@@ -235,7 +224,7 @@ def check_real_calibrate(cfg: DictConfig, given: dict) -> None:
     from nemo_ee.inference.calibrate import check_calibration_args
 
     s = calibrate_settings(cfg)
-    _positive_ints("real_calibrate", s, ("num_prompts", "max_tokens", "batch_size"))
+    positive_ints("real_calibrate", s, ("num_prompts", "max_tokens", "batch_size"))
     try:
         check_calibration_args(s["target"], s["policy"], s["max_tokens"], s["max_rounds"])
     except ValueError as exc:
@@ -278,7 +267,7 @@ def sweep_settings(cfg: DictConfig) -> dict:
 
 def check_real_sweep(cfg: DictConfig, given: dict) -> None:
     s = sweep_settings(cfg)
-    _positive_ints("real_sweep", s, ("prompts", "new_tokens", "repeats", "sample_tokens"))
+    positive_ints("real_sweep", s, ("prompts", "new_tokens", "repeats", "sample_tokens"))
     values = s["thresholds"]
     if not isinstance(values, list) or not values or not all(
             isinstance(t, (int, float)) and not isinstance(t, bool) and 0.0 <= t <= 1.0 for t in values):

@@ -4,7 +4,7 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 
 from nemo_ee.atomic import save_nemo
-from nemo_ee.pipeline.base import COMMON_KEYS, StageContext, StageResult, nemo_arch, plain_dict
+from nemo_ee.pipeline.base import COMMON_KEYS, StageContext, StageResult, nemo_arch, plain_dict, positive_ints
 from nemo_ee.pipeline.curves import tee_stdout
 from nemo_ee.pipeline.report import Section, markdown_table
 
@@ -76,28 +76,33 @@ def ee_tune_settings(cfg: DictConfig) -> dict:
     return {k: v for k, v in stage.items() if k not in COMMON_KEYS and k not in _TUNE_OWN}
 
 
-def check_ee_tune(cfg: DictConfig, given: dict) -> None:
-    """restore_from / output left to the pipeline; step and batch counts positive; a known optimizer."""
-    stage = cfg.stages.ee_tune
-    if "ee_tune" in given:
-        if not nemo_arch(given["ee_tune"]).get("exit_layer_nums"):
-            raise ValueError(f"stages.ee_tune.nemo={given['ee_tune']} has no exits")
-        return
+def check_tune_stage(cfg: DictConfig, name: str, given: dict) -> bool:
+    """The checks every EE-Tuning stage (``ee_tune``, ``real_ee_tune``) shares: a given model has exits;
+    restore_from / output left to the pipeline; step and batch counts positive; one process; a known optimizer.
+    Returns whether the stage runs (False: its model is given)."""
+    stage = cfg.stages[name]
+    if name in given:
+        if not nemo_arch(given[name]).get("exit_layer_nums"):
+            raise ValueError(f"stages.{name}.nemo={given[name]} has no exits")
+        return False
     for key in ("restore_from", "output"):
         if key in stage and not OmegaConf.is_missing(stage, key):
-            raise ValueError(f"stages.ee_tune.{key} is set by the pipeline (the add_exits model and "
-                             f"<run>/ee_tune/ee_tuned.nemo); remove it")
-    for key in ("max_steps", "micro_batch_size"):
-        value = stage.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"stages.ee_tune.{key}={value!r} must be an integer >= 1")
+            raise ValueError(f"stages.{name}.{key} is set by the pipeline (the model with added exits and "
+                             f"<run>/{name}/ee_tuned.nemo); remove it")
+    positive_ints(name, plain_dict(stage), ("max_steps", "micro_batch_size"))
     pp = stage.get("pipeline_model_parallel_size", 1)
     if pp != 1:
-        raise ValueError(f"stages.ee_tune.pipeline_model_parallel_size={pp!r}: the pipeline tunes in one process "
+        raise ValueError(f"stages.{name}.pipeline_model_parallel_size={pp!r}: the pipeline tunes in one process "
                          f"(1); for PP > 1 run scripts/ee_tune.py under torchrun and give its model as "
-                         f"stages.ee_tune.nemo")
+                         f"stages.{name}.nemo")
     if stage.get("optimizer", "torch") not in ("torch", "megatron"):
-        raise ValueError(f"stages.ee_tune.optimizer={stage.get('optimizer')!r} is not one of ['torch', 'megatron']")
+        raise ValueError(f"stages.{name}.optimizer={stage.get('optimizer')!r} is not one of ['torch', 'megatron']")
+    return True
+
+
+def check_ee_tune(cfg: DictConfig, given: dict) -> None:
+    """:func:`check_tune_stage` for the tiny model's EE-Tuning."""
+    check_tune_stage(cfg, "ee_tune", given)
 
 
 def run_ee_tune(ctx: StageContext) -> StageResult:
