@@ -213,3 +213,34 @@ def result_line(values: dict) -> str:
         return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
     return "RESULT " + " ".join(f"{k}={fmt(values[k])}" for k in RESULT_KEYS)
+
+
+def exit_quality(model: torch.nn.Module, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
+                 target: float = 0.98) -> dict:
+    """Teacher-forced exit quality on the full model's own answers (answer positions only): per exit, the share
+    of positions whose argmax equals the final layer's; and, over one max-prob threshold for every exit (1.00
+    down to 0.00 in steps of 0.01), the loosest whose decisions (shallowest exit that fires, else the final
+    layer) still agree on >= ``target`` of the positions, with the mean depth there and the ideal speedup
+    (layers / mean depth; exit-head costs not counted)."""
+    from nemo_ee.inference.bench import exit_order, teacher_forced
+
+    L = model.ee_config.num_layers
+    order = exit_order(model)
+    tf = teacher_forced(model, [list(p) + list(a) for p, a in zip(prompts, answers)], chunk=1)
+    mask = torch.tensor([i + 1 >= len(p) for p, a in zip(prompts, answers) for i in range(len(p) + len(a) - 1)])
+    out: dict[str, Any] = {f"agree_l{model.ee_config.exit_layer_nums[i]}":
+                           float((tf.argmax[i] == tf.final_argmax)[mask].float().mean()) for i in order}
+    n = int(mask.sum())
+    best = (1.0, 1.0, float(L))
+    for step in range(100, -1, -1):
+        t = step / 100
+        left, depth, ok = torch.ones(n, dtype=torch.bool), torch.full((n,), float(L)), torch.ones(n, dtype=torch.bool)
+        for i in order:
+            take = left & (tf.conf[i][mask] >= t)
+            depth[take] = float(model.exits[str(i)].point)
+            ok[take] = (tf.argmax[i] == tf.final_argmax)[mask][take]
+            left &= ~take
+        if float(ok.float().mean()) >= target:
+            best = (t, float(ok.float().mean()), float(depth.mean()))
+    out.update(threshold=best[0], agreement=best[1], mean_depth=best[2], ideal_speedup=L / best[2], positions=n)
+    return out

@@ -111,7 +111,9 @@ def test_repository_layout_and_config(bigram_nemo, repository, tmp_path):
     config = text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     assert (config.name, config.backend, config.max_batch_size) == (NAME, "python", 1)
     assert config.model_transaction_policy.decoupled
-    assert [i.name for i in config.input if not i.optional] == ["text_input", "max_tokens"]
+    # text_input or messages (a chat) carries the prompt: the backend requires exactly one of them
+    assert [i.name for i in config.input if not i.optional] == ["max_tokens"]
+    assert {"text_input", "messages", "chat"} <= {i.name for i in config.input if i.optional}
     assert {"temperature", "top_k", "top_p", "random_seed", "stop_words", "stream", "early_exit_threshold",
             "exit_policy", "decode_mode"} <= {i.name for i in config.input if i.optional}
     assert [o.name for o in config.output] == ["text_output", "output_ids", "exit_layers", "finish_reason"]
