@@ -8,7 +8,7 @@
 --hf-dir: the HF folder it was converted from (default: the cached HF folder of the default SmolLM2 GGUF).
 What is measured and how is in nemo_ee/inference/bench_real.py. The last line printed is
   RESULT full_vs_hf_b1=<r> full_vs_hf_b8=<r> ee_speedup=<s> ee_agreement=<a> ee_mean_depth=<d>
-         selfspec_speedup=<s> selfspec_vs_hf_generate=<r> hf_ee_speedup=<r> identical=<true|false>
+         selfspec_speedup=<s> selfspec_vs_hf_generate=<r> hf_ee_speedup=<r> identical=<true|false> selfspec_identical=<true|false>
 (one line). --out writes bench_real_model.json there.
 """
 from __future__ import annotations

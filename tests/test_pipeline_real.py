@@ -77,3 +77,4 @@ def test_real_model_stages_end_to_end(tmp_path, smollm2_hf_dir):
 
     assert set(real["values"]) == set(RESULT_KEYS)
     assert real["values"]["identical"] == "true"  # ours (full, self-speculative) == HF generate, token for token
+    assert real["values"]["selfspec_identical"] == "true"  # lossless: self-speculative == our full decode
