@@ -98,11 +98,12 @@ def tune_nemo_pipeline(cfg: Any) -> dict:
 
     from nemo_ee.config import EarlyExitConfig
     from nemo_ee.data import load_tokenizer
+    from nemo_ee.tuning.data import tuning_dataset
     from nemo_ee.models.nemo_model import _arch_dict
     from nemo_ee.parallel.schedules import split_microbatches
     from nemo_ee.tuning.ee_tune import (
         batch_order, check_tuning_settings, format_losses, log_line, loss_label, nemo_seq_length, progress, step_batch,
-        step_line, tuning_dataset, tuning_seq_length,
+        step_line, tuning_seq_length,
     )
     from nemo_ee.tuning.pipeline import (
         PipelineEETuner, build_tuning_stage, gather_exit_state, init_tuning_parallel, load_stage_from_safetensors,

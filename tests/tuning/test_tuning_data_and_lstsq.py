@@ -13,7 +13,8 @@ from torch.utils.data import ConcatDataset
 
 import nemo_ee.models.nemo_model  # noqa: F401  (tuning_dataset's heavy import, paid at collection)
 from nemo_ee.data import TokenWindowDataset
-from nemo_ee.tuning.ee_tune import data_sources, lstsq_settings, tuning_dataset
+from nemo_ee.tuning.data import data_sources, tuning_dataset
+from nemo_ee.tuning.ee_tune import lstsq_settings
 from tests.tuning.test_ee_tune import _cfg, backbone_state, exits_nemo  # noqa: F401  (module fixture)
 from tests.tuning.test_ee_tune_kl import build, cfg, positions, tokens_of
 
