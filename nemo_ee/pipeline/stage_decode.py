@@ -95,21 +95,27 @@ def sweep_settings(cfg: DictConfig) -> dict:
     return {k: stage.get(k) for k in SWEEP_KEYS}
 
 
+def check_sweep_keys(section: str, s: dict) -> None:
+    """The settings every sweep stage shares (``decode_sweep``, ``real_sweep``): thresholds in [0, 1], a known
+    clock, a target in (0, 1], non-empty sample prompts."""
+    values = s["thresholds"]
+    if not isinstance(values, list) or not values or not all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) and 0.0 <= t <= 1.0 for t in values):
+        raise ValueError(f"stages.{section}.thresholds={values!r} must be a non-empty list of numbers in [0, 1]")
+    if s["clock"] not in ("cpu", "wall"):
+        raise ValueError(f"stages.{section}.clock={s['clock']!r} is not one of ['cpu', 'wall']")
+    if not isinstance(s["target"], (int, float)) or not 0 < s["target"] <= 1:
+        raise ValueError(f"stages.{section}.target={s['target']!r} must be in (0, 1]")
+    prompts = s["sample_prompts"]
+    if not isinstance(prompts, list) or not all(isinstance(p, str) and p for p in prompts):
+        raise ValueError(f"stages.{section}.sample_prompts={prompts!r} must be a list of non-empty strings")
+
+
 def check_sweep(cfg: DictConfig, given: dict) -> None:
     """Thresholds in [0, 1], positive counts, prompts + new tokens within the context, text sample prompts."""
     s = sweep_settings(cfg)
     positive_ints("decode_sweep", s, ("prompts", "prompt_len", "new_tokens", "repeats", "val_windows", "sample_tokens"))
-    values = s["thresholds"]
-    if not isinstance(values, list) or not values or not all(
-            isinstance(t, (int, float)) and not isinstance(t, bool) and 0.0 <= t <= 1.0 for t in values):
-        raise ValueError(f"stages.decode_sweep.thresholds={values!r} must be a non-empty list of numbers in [0, 1]")
-    if s["clock"] not in ("cpu", "wall"):
-        raise ValueError(f"stages.decode_sweep.clock={s['clock']!r} is not one of ['cpu', 'wall']")
-    if not isinstance(s["target"], (int, float)) or not 0 < s["target"] <= 1:
-        raise ValueError(f"stages.decode_sweep.target={s['target']!r} must be in (0, 1]")
-    prompts = s["sample_prompts"]
-    if not isinstance(prompts, list) or not all(isinstance(p, str) and p for p in prompts):
-        raise ValueError(f"stages.decode_sweep.sample_prompts={prompts!r} must be a list of non-empty strings")
+    check_sweep_keys("decode_sweep", s)
     if s["prompt_len"] + s["new_tokens"] > _context(cfg) and not given:
         raise ValueError(f"stages.decode_sweep: prompt_len {s['prompt_len']} + new_tokens {s['new_tokens']} exceed "
                          f"the context of {_context(cfg)} tokens (pretrain.model.arch.seq_length)")

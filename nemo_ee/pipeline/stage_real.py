@@ -21,6 +21,7 @@ from nemo_ee.pipeline.base import (
 )
 from nemo_ee.pipeline.curves import tee_stdout
 from nemo_ee.pipeline.report import Section, markdown_table, text_table
+from nemo_ee.pipeline.stage_decode import check_sweep_keys
 
 IMPORT_KEYS = ("gguf", "hf_dir", "num_layers")
 ADD_KEYS = ("exit_fractions", "exit_mlp", "init")
@@ -268,21 +269,11 @@ def sweep_settings(cfg: DictConfig) -> dict:
 def check_real_sweep(cfg: DictConfig, given: dict) -> None:
     s = sweep_settings(cfg)
     positive_ints("real_sweep", s, ("prompts", "new_tokens", "repeats", "sample_tokens"))
-    values = s["thresholds"]
-    if not isinstance(values, list) or not values or not all(
-            isinstance(t, (int, float)) and not isinstance(t, bool) and 0.0 <= t <= 1.0 for t in values):
-        raise ValueError(f"stages.real_sweep.thresholds={values!r} must be a non-empty list of numbers in [0, 1]")
+    check_sweep_keys("real_sweep", s)
     drafts = s["num_drafts"]
     if not isinstance(drafts, list) or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1
                                                for k in drafts):
         raise ValueError(f"stages.real_sweep.num_drafts={drafts!r} must be a list of integers >= 1")
-    if s["clock"] not in ("cpu", "wall"):
-        raise ValueError(f"stages.real_sweep.clock={s['clock']!r} is not one of ['cpu', 'wall']")
-    if not isinstance(s["target"], (int, float)) or not 0 < s["target"] <= 1:
-        raise ValueError(f"stages.real_sweep.target={s['target']!r} must be in (0, 1]")
-    prompts = s["sample_prompts"]
-    if not isinstance(prompts, list) or not all(isinstance(p, str) and p for p in prompts):
-        raise ValueError(f"stages.real_sweep.sample_prompts={prompts!r} must be a list of non-empty strings")
 
 
 def run_real_sweep(ctx: StageContext) -> StageResult:
