@@ -21,7 +21,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from nemo_ee.inference.kv_cache import CachedCoreAttention, KVCache
+from nemo_ee.inference.fast_layers import FastLayer, fast_logits, fast_mlp, layer_problem, mlp_problem, output_problem
+from nemo_ee.inference.kv_cache import CachedCoreAttention, KVCache, QueryLayout, cached_attention
 from nemo_ee.inference.policies import ExitRule
 
 
@@ -45,7 +46,9 @@ class EarlyExitEngine:
     # :class:`nemo_ee.inference.pipelined.StageDecoder` reuses the machinery on one stage of a pipeline.
     whole_model_only = True
 
-    def __init__(self, model: torch.nn.Module, batch_size: int, capacity: int) -> None:
+    def __init__(self, model: torch.nn.Module, batch_size: int, capacity: int, fast: Optional[bool] = None) -> None:
+        """``fast``: run layers and heads as plain tensor ops (:mod:`nemo_ee.inference.fast_layers`); None: when
+        the model allows it, True: require it (a ValueError names why not), False: megatron's modules."""
         if self.whole_model_only and not (model.pre_process and model.post_process):
             raise ValueError("the decoding engine needs the whole model on one pipeline stage (PP=1)")
         ee = model.ee_config
@@ -63,25 +66,53 @@ class EarlyExitEngine:
             if head.block is not None:
                 self.attention[("exit", index)] = head.block
         attn = model.decoder.layers[0].self_attention
-        heads, groups = attn.num_attention_heads_per_partition, attn.num_query_groups_per_partition
+        groups = attn.num_query_groups_per_partition
         head_dim = attn.hidden_size_per_attention_head
         dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device  # caches and indices live with the weights (CPU or GPU)
         self.cache = KVCache(self.attention, batch_size, capacity, groups, head_dim, dtype, device=self.device)
-        self.cores = {
-            slot: CachedCoreAttention(self.cache, slot, heads, groups, head_dim, model.config.softmax_scale)
-            for slot in self.attention
-        }
+        self.cores = {slot: CachedCoreAttention(self.cache, slot, model.config.softmax_scale, head_dim)
+                      for slot in self.attention}
+        self.scale = self.cores[next(iter(self.cores))].scale if self.cores else 1.0
         hidden = model.config.hidden_size
         self.dtype = dtype
-        self.points = {p: torch.zeros(capacity, batch_size, hidden, dtype=dtype, device=self.device)
-                       for p in range(offset, offset + len(model.decoder.layers) + 1)}
         self.produced = [[0] * batch_size for _ in range(self.num_layers + 1)]
-        self.rope = None
+        self.rope = self.cos = self.sin = None
         if ee.position_embedding_type == "rope":
             self.rope = model.rotary_pos_emb(capacity)[:, 0, 0, :].to(self.device)  # [capacity, rot_dim]
+            self.cos, self.sin = torch.cos(self.rope).to(dtype), torch.sin(self.rope).to(dtype)
         self.shared_weight = model.shared_embedding_or_output_weight() if (
             ee.share_embeddings_and_output_weights or ee.tie_exit_output) else None
+        self.fast_problem = self._fast_problem() if fast is not False else "the fast path was turned off"
+        if fast and self.fast_problem:
+            raise ValueError(f"the fast decoding path cannot run this model: {self.fast_problem}")
+        self.fast = self.fast_problem is None
+        self.fast_layers = {slot: FastLayer(module) for slot, module in self.attention.items()} if self.fast else {}
+        self._layouts: dict = {}
+        self._carry: Optional[tuple] = None
+        # Points read back later: a row stops only at an exit point, so only there (and at the stage's ends)
+        # can a module above lag behind and catch up from the buffer; between them the output is carried.
+        self.kept_points = {offset, offset + len(model.decoder.layers), *self.exits_at}
+        self.points = {p: torch.zeros(capacity, batch_size, hidden, dtype=dtype, device=self.device)
+                       for p in sorted(self.kept_points)}
+
+    def _fast_problem(self) -> Optional[str]:
+        """Why this model's modules cannot run as plain tensor ops (None: they can); see fast_layers."""
+        for slot, module in self.attention.items():
+            problem = layer_problem(module)
+            if problem:
+                return f"{slot[0]} {slot[1]}: {problem}"
+        heads = [self.model.output_layer] if self.model.post_process else []
+        heads += [self.model.exits[str(i)].output_layer for i in self.model.local_exit_indices]
+        for head in heads:
+            problem = output_problem(head)
+            if problem:
+                return problem
+        for index in self.model.local_exit_indices:
+            head = self.model.exits[str(index)]
+            if head.mlp is not None and mlp_problem(head.mlp, f"exit {index} mlp"):
+                return mlp_problem(head.mlp, f"exit {index} mlp")
+        return None
 
     def _ints(self, values) -> torch.Tensor:
         """An int64 tensor on the model's device (every index the engine builds goes through here)."""
@@ -107,8 +138,9 @@ class EarlyExitEngine:
     @contextlib.contextmanager
     def _cached_attention(self):
         swapped = []
+        self._layouts, self._carry = {}, None
         try:
-            for slot, layer in self.attention.items():
+            for slot, layer in (() if self.fast else self.attention.items()):
                 swapped.append((layer.self_attention, layer.self_attention.core_attention))
                 layer.self_attention.core_attention = self.cores[slot]
             yield
@@ -116,8 +148,21 @@ class EarlyExitEngine:
             for attention, original in swapped:
                 attention.core_attention = original
             self.model._captured = {}
+            self._layouts, self._carry = {}, None
 
     # ------------------------------------------------------------------ one module over its missing positions
+    def _layout(self, rows: list[int], starts: list[int], counts: list[int]) -> QueryLayout:
+        """The step's shared :class:`QueryLayout` of these rows, first positions and query counts."""
+        key = (tuple(rows), tuple(starts), tuple(counts))
+        layout = self._layouts.get(key)
+        if layout is None:
+            layout = self._layouts[key] = QueryLayout(rows, starts, counts, self.capacity, self.device)
+            if self.rope is not None:
+                layout.cos = self.cos[layout.clamped].unsqueeze(2)  # [n, R, 1, rot_dim]
+                layout.sin = self.sin[layout.clamped].unsqueeze(2)
+                layout.rope = self.rope[layout.clamped].unsqueeze(2)
+        return layout
+
     def _advance(self, slot, src: int, rows: list[int], out_point: Optional[int]) -> tuple[torch.Tensor, list[int]]:
         """Run attention module ``slot`` on every position of ``rows`` at point ``src`` it has not cached.
 
@@ -127,26 +172,36 @@ class EarlyExitEngine:
         starts = [lengths[r] for r in rows]
         ends = [self.produced[src][r] for r in rows]
         counts = [e - s for s, e in zip(starts, ends)]
-        n = max(counts)
-        steps = self._ints(range(n)).unsqueeze(1)
-        positions = self._ints(starts).unsqueeze(0) + steps             # [n, R]
-        valid = steps < self._ints(counts).unsqueeze(0)
-        rows_t = self._ints(rows)
-        columns = rows_t.unsqueeze(0).expand(n, len(rows))
-        clamped = positions.clamp(max=self.capacity - 1)
-        x = self.points[src][clamped, columns]                          # [n, R, h]
-        core = self.cores[slot]
-        core.rows, core.positions, core.valid = rows_t, positions, valid
-        kwargs = {"attention_mask": None}
-        if self.rope is not None:
-            kwargs["rotary_pos_emb"] = self.rope[clamped].unsqueeze(2)  # [n, R, 1, rot_dim]
-        out, _ = self.attention[slot](hidden_states=x, **kwargs)
+        layout = self._layout(rows, starts, counts)
+        carry = self._carry
+        if carry is not None and carry[0] == src and carry[1] is layout:
+            x = carry[2]  # the module below just produced exactly these positions
+        elif src in self.kept_points:
+            x = self.points[src][layout.clamped, layout.columns]          # [n, R, h]
+        else:
+            raise RuntimeError(f"{slot} lags behind point {src}, which is not kept (rows {rows}, from {starts})")
+        if self.fast:
+            rope = (layout.cos, layout.sin) if self.rope is not None else (None, None)
+            out = self.fast_layers[slot](x, lambda q, k, v: cached_attention(self.cache, slot, layout, q, k, v,
+                                                                             self.scale), *rope)
+        else:
+            self.cores[slot].layout = layout
+            kwargs = {"attention_mask": None}
+            if self.rope is not None:
+                kwargs["rotary_pos_emb"] = layout.rope
+            out, _ = self.attention[slot](hidden_states=x, **kwargs)
         for r, e in zip(rows, ends):
             lengths[r] = e
+        if out_point is not None and out_point in self.kept_points:
+            points = self.points[out_point]
+            if layout.select is None:
+                points[layout.positions, layout.columns] = out.to(self.dtype)
+            else:
+                points[layout.flat_positions, layout.flat_rows] = out[layout.select].to(self.dtype)
         if out_point is not None:
-            self.points[out_point][positions[valid], columns[valid]] = out[valid].to(self.dtype)
             for r, e in zip(rows, ends):
                 self.produced[out_point][r] = e
+            self._carry = (out_point, layout, out)
         return out, counts
 
     def _last(self, point: int, rows: list[int]) -> torch.Tensor:
@@ -216,7 +271,7 @@ class EarlyExitEngine:
             hidden = out[self._ints(counts) - 1, self._ints(range(len(candidates)))]
         else:
             hidden = self._last(point, candidates)
-        logits = self._project(head.output_layer, head.tail(hidden.unsqueeze(0)), head.tied)[0]
+        logits = self._project(head.output_layer, self._tail(head, hidden.unsqueeze(0)), head.tied)[0]
         gone = set()
         for j, r in enumerate(candidates):
             if bool(rule_of[r].fires(logits[j], index)):
@@ -241,6 +296,15 @@ class EarlyExitEngine:
                     self.model.output_layer, norm(h.unsqueeze(1)), self.ee.share_embeddings_and_output_weights
                 )[:, 0]
 
+    def _tail(self, head, hidden: torch.Tensor) -> torch.Tensor:
+        """The exit's residual MLP and norm (:meth:`ExitHead.tail`), with the fast MLP when it applies."""
+        if not self.fast or head.mlp is None:
+            return head.tail(hidden)
+        hidden = hidden + fast_mlp(head.mlp, head.mlp_norm(hidden))
+        return head.norm(hidden) if head.norm is not None else hidden
+
     def _project(self, output_layer, hidden: torch.Tensor, tied: bool) -> torch.Tensor:
+        if self.fast:
+            return fast_logits(output_layer, hidden, self.shared_weight if tied else None)
         logits, _ = output_layer(hidden, weight=self.shared_weight if tied else None, runtime_gather_output=True)
         return logits.float()

@@ -8,7 +8,7 @@ each row of a batch exits on its own. Rows are independent, so finished rows can
 from __future__ import annotations
 
 import math
-from typing import Hashable, Iterable, Optional
+from typing import Hashable, Iterable, Optional, Sequence
 
 import torch
 
@@ -56,37 +56,83 @@ class KVCache:
             lengths[row] = min(lengths[row], length)
 
 
-class CachedCoreAttention(torch.nn.Module):
-    """Stands in for a layer's ``core_attention`` while the decoder runs it.
+class QueryLayout:
+    """Where the queries of one module call sit: ``positions`` [n, R] of cache rows ``rows``, ``counts[j]`` real.
 
-    megatron's ``SelfAttention`` computes q/k/v (and RoPE) and calls ``core_attention(q, k, v, mask, ...)``;
-    this writes k/v of the valid (position, row) pairs into the cache slot, then attends each query
-    to the row's cached keys at positions <= its own.
+    Built once per (rows, first positions, counts) in a decode step and shared by every module with that
+    layout (in a synchronous step: all layers between two exits), so each layer pays for no index building.
+    ``valid``/``select``: None when every query is real (no padding of ragged rows).
     """
 
-    def __init__(self, cache: KVCache, slot: Hashable, heads: int, groups: int, head_dim: int,
-                 softmax_scale: Optional[float]) -> None:
+    def __init__(self, rows: Sequence[int], starts: Sequence[int], counts: Sequence[int], capacity: int,
+                 device: Optional[torch.device] = None) -> None:
+        n, r = max(counts), len(rows)
+        if max(s + c for s, c in zip(starts, counts)) > capacity:
+            raise ValueError(f"position {max(s + c for s, c in zip(starts, counts)) - 1} is outside the cache "
+                             f"capacity {capacity}")
+        self.n, self.count = n, r
+        self.rows = torch.tensor(list(rows), dtype=torch.long, device=device)
+        steps = torch.arange(n, dtype=torch.long, device=device).unsqueeze(1)
+        self.positions = torch.tensor(list(starts), dtype=torch.long, device=device).unsqueeze(0) + steps
+        self.clamped = self.positions.clamp(max=capacity - 1)   # padding queries read a real position
+        self.columns = self.rows.unsqueeze(0).expand(n, r)
+        ends = [s + c for s, c in zip(starts, counts)]
+        self.upto = max(ends)
+        first = rows[0]
+        self.row_slice = slice(first, first + r) if list(rows) == list(range(first, first + r)) else None
+        self.block = (first, starts[0]) if r == 1 else None  # (row, first position) of a one-row call
+        if min(counts) == n:
+            self.valid = self.select = None
+            self.flat_rows, self.flat_positions = self.columns.reshape(-1), self.positions.reshape(-1)
+        else:
+            self.valid = steps < torch.tensor(list(counts), dtype=torch.long, device=device).unsqueeze(0)
+            self.select = self.valid.nonzero(as_tuple=True)
+            self.flat_rows, self.flat_positions = self.columns[self.select], self.positions[self.select]
+        # one query per row, every row ending at the same position: each attends to all it reads
+        if n == 1 and min(ends) == self.upto:
+            self.mask = None
+        else:
+            keys = torch.arange(self.upto, device=device).view(1, 1, self.upto)
+            self.mask = (keys <= self.positions.t().unsqueeze(-1)).unsqueeze(1)  # [R, 1, n, upto]
+
+    def pick(self, t: torch.Tensor) -> torch.Tensor:
+        """The real queries' entries of ``t`` [n, R, ...], flattened to [m, ...] (n-major)."""
+        return t.reshape(-1, *t.shape[2:]) if self.select is None else t[self.select]
+
+
+def cached_attention(cache: KVCache, slot: Hashable, layout: QueryLayout, query: torch.Tensor, key: torch.Tensor,
+                     value: torch.Tensor, scale: float) -> torch.Tensor:
+    """Write the real queries' k/v [n, R, groups, d] into ``slot``, then attend each query [n, R, heads, d]
+    to its row's cached keys at positions <= its own; returns [n, R, heads * d]."""
+    n, r, heads, d = query.shape
+    k_all, v_all = cache.k[slot], cache.v[slot]
+    if layout.block is not None:  # one row, consecutive positions: a slice, not a scatter
+        row, start = layout.block
+        k_all[row, :, start:start + n] = key[:, 0].transpose(0, 1)
+        v_all[row, :, start:start + n] = value[:, 0].transpose(0, 1)
+    else:
+        k_all[layout.flat_rows, :, layout.flat_positions] = layout.pick(key).to(k_all.dtype)
+        v_all[layout.flat_rows, :, layout.flat_positions] = layout.pick(value).to(v_all.dtype)
+    rows = layout.row_slice if layout.row_slice is not None else layout.rows
+    k, v = k_all[rows, :, :layout.upto], v_all[rows, :, :layout.upto]
+    q = query.permute(1, 2, 0, 3)  # [R, heads, n, d]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k.to(q.dtype), v.to(q.dtype), attn_mask=layout.mask, scale=scale, enable_gqa=heads != k.shape[1])
+    return out.permute(2, 0, 1, 3).reshape(n, r, heads * d)
+
+
+class CachedCoreAttention(torch.nn.Module):
+    """Stands in for a layer's ``core_attention`` while the decoder runs megatron's own modules.
+
+    megatron's ``SelfAttention`` computes q/k/v (and RoPE) and calls ``core_attention(q, k, v, mask, ...)``;
+    this runs :func:`cached_attention` on the call's :class:`QueryLayout` (set by the decoder).
+    """
+
+    def __init__(self, cache: KVCache, slot: Hashable, softmax_scale: Optional[float], head_dim: int) -> None:
         super().__init__()
         self.cache, self.slot = cache, slot
-        self.heads, self.groups, self.head_dim = heads, groups, head_dim
         self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
-        self.rows: Optional[torch.Tensor] = None       # [R] cache rows of the batch columns
-        self.positions: Optional[torch.Tensor] = None  # [n, R] position of each query
-        self.valid: Optional[torch.Tensor] = None      # [n, R] real (not padding) queries
+        self.layout: Optional[QueryLayout] = None
 
     def forward(self, query, key, value, attention_mask=None, **_: object) -> torch.Tensor:
-        n, r = self.positions.shape
-        row_of = self.rows.unsqueeze(0).expand(n, r)
-        self.cache.update(self.slot, row_of[self.valid], self.positions[self.valid], key[self.valid],
-                          value[self.valid])
-        upto = int(self.positions[self.valid].max()) + 1
-        k, v = self.cache.read(self.slot, self.rows, upto)
-        if self.heads != self.groups:
-            k = k.repeat_interleave(self.heads // self.groups, dim=1)
-            v = v.repeat_interleave(self.heads // self.groups, dim=1)
-        q = query.permute(1, 2, 0, 3)  # [R, heads, n, d]
-        allowed = torch.arange(upto, device=q.device).view(1, 1, upto) <= self.positions.t().unsqueeze(-1)
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q, k.to(q.dtype), v.to(q.dtype), attn_mask=allowed.unsqueeze(1), scale=self.scale
-        )
-        return out.permute(2, 0, 1, 3).reshape(n, r, self.heads * self.head_dim)
+        return cached_attention(self.cache, self.slot, self.layout, query, key, value, self.scale)

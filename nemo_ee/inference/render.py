@@ -61,7 +61,7 @@ def exit_stats(exit_layers: Sequence[Sequence[int]], seconds: float) -> dict:
 def format_stats(stats: Mapping[str, Any]) -> str:
     """``STATS tokens=40 seconds=0.512 tokens_per_s=78.1 mean_exit_depth=2.750 exit_share=1:0.250,4:0.750``."""
     share = ",".join(f"{d}:{s:.3f}" for d, s in sorted(stats["exit_share"].items())) or "-"
-    return (f"STATS tokens={stats['tokens']} seconds={stats['seconds']:.3f} tokens_per_s={stats['tokens_per_s']:.1f}"
+    return (f"STATS tokens={stats['tokens']} seconds={stats['seconds']:.4g} tokens_per_s={stats['tokens_per_s']:.1f}"
             f" mean_exit_depth={stats['mean_exit_depth']:.3f} exit_share={share}")
 
 
