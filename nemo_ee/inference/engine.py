@@ -166,24 +166,32 @@ class EarlyExitEngine:
     def _advance(self, slot, src: int, rows: list[int], out_point: Optional[int]) -> tuple[torch.Tensor, list[int]]:
         """Run attention module ``slot`` on every position of ``rows`` at point ``src`` it has not cached.
 
-        Returns its outputs [n_max, R, h] and each row's query count; writes them to ``out_point``.
+        Returns its outputs and each row's query count; writes them to ``out_point``. The outputs are [n_max, R, h]
+        (padded), except on the fast path with ragged rows and an ``out_point``: [m, 1, h], the real positions.
         """
         lengths = self.cache.length[slot]
         starts = [lengths[r] for r in rows]
         ends = [self.produced[src][r] for r in rows]
         counts = [e - s for s, e in zip(starts, ends)]
         layout = self._layout(rows, starts, counts)
+        # Ragged rows on the fast path run packed: the linears see only real positions ([m, 1, h]), and
+        # only attention pads them (prefill of prompts of different lengths, KV catch-up of some rows).
+        packed = self.fast and layout.select is not None
         carry = self._carry
         if carry is not None and carry[0] == src and carry[1] is layout:
             x = carry[2]  # the module below just produced exactly these positions
-        elif src in self.kept_points:
-            x = self.points[src][layout.clamped, layout.columns]          # [n, R, h]
-        else:
+        elif src not in self.kept_points:
             raise RuntimeError(f"{slot} lags behind point {src}, which is not kept (rows {rows}, from {starts})")
+        elif packed:
+            x = self.points[src][layout.flat_positions, layout.flat_rows].unsqueeze(1)  # [m, 1, h]
+        else:
+            x = self.points[src][layout.clamped, layout.columns]                    # [n, R, h]
         if self.fast:
-            rope = (layout.cos, layout.sin) if self.rope is not None else (None, None)
+            cos, sin = (None, None) if self.rope is None else (
+                (layout.pick(layout.cos).unsqueeze(1), layout.pick(layout.sin).unsqueeze(1)) if packed
+                else (layout.cos, layout.sin))
             out = self.fast_layers[slot](x, lambda q, k, v: cached_attention(self.cache, slot, layout, q, k, v,
-                                                                             self.scale), *rope)
+                                                                             self.scale, packed), cos, sin)
         else:
             self.cores[slot].layout = layout
             kwargs = {"attention_mask": None}
@@ -194,7 +202,9 @@ class EarlyExitEngine:
             lengths[r] = e
         if out_point is not None and out_point in self.kept_points:
             points = self.points[out_point]
-            if layout.select is None:
+            if packed:
+                points[layout.flat_positions, layout.flat_rows] = out[:, 0].to(self.dtype)
+            elif layout.select is None:
                 points[layout.positions, layout.columns] = out.to(self.dtype)
             else:
                 points[layout.flat_positions, layout.flat_rows] = out[layout.select].to(self.dtype)
@@ -202,6 +212,10 @@ class EarlyExitEngine:
             for r, e in zip(rows, ends):
                 self.produced[out_point][r] = e
             self._carry = (out_point, layout, out)
+        if packed and out_point is None:  # an exit block's caller reads [n, R, h]
+            padded = out.new_zeros(layout.n, layout.count, out.shape[-1])
+            padded[layout.select] = out[:, 0]
+            out = padded
         return out, counts
 
     def _last(self, point: int, rows: list[int]) -> torch.Tensor:

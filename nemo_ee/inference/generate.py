@@ -23,7 +23,8 @@ class GenerationParams:
     ``exit_thresholds``: {exit layer number: threshold} overriding ``threshold`` there (calibration
     writes these); with ``threshold=None`` only those exits are used.
     ``active_exits``: exit layer numbers the rule may use (None: all). Self-speculative decoding
-    drafts ``num_draft`` tokens at exit layer ``draft_exit`` (None: the model's first exit).
+    drafts ``num_draft`` tokens at exit layer ``draft_exit`` (None: the model's first exit); with
+    ``draft_threshold``, fewer when the draft exit's max probability falls below it.
     """
 
     max_tokens: int = 32  # new tokens at most (the context may end a request sooner)
@@ -33,7 +34,8 @@ class GenerationParams:
     active_exits: Optional[tuple] = None  # exit layers the rule may use (None: all)
     decode_mode: str = "early_exit"  # early_exit | self_speculative | full
     draft_exit: Optional[int] = None  # self-speculative draft exit layer (None: the shallowest)
-    num_draft: int = 4  # drafted tokens per verification
+    num_draft: int = 4  # drafted tokens per verification (at most, with draft_threshold)
+    draft_threshold: Optional[float] = None  # stop drafting when the draft exit's max prob is below (None: fixed)
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
@@ -49,6 +51,8 @@ class GenerationParams:
             raise ValueError(f"decode_mode {self.decode_mode!r} is not one of {list(DECODE_MODES)}")
         if int(self.num_draft) != self.num_draft or self.num_draft < 1:
             raise ValueError(f"num_draft={self.num_draft} must be an integer >= 1")
+        if self.draft_threshold is not None and not 0.0 <= self.draft_threshold <= 1.0:
+            raise ValueError(f"draft_threshold={self.draft_threshold} must be a max probability in 0..1 (or None)")
         self.sampling  # validates temperature / top_k / top_p
 
     @property
@@ -106,7 +110,8 @@ def generate(
     prompts: Sequence[Sequence[int]],
     params: Union[GenerationParams, Sequence[GenerationParams]] = GenerationParams(),
 ) -> list[Generation]:
-    """Generate for every prompt in one batch (one row each); returns one :class:`Generation` per prompt."""
+    """Generate for every prompt in one batch (one row each, any mix of decode modes); returns one
+    :class:`Generation` per prompt."""
     prompts = [list(p) for p in prompts]
     if not prompts:
         raise ValueError("no prompts given")
@@ -115,13 +120,6 @@ def generate(
         raise ValueError(f"{len(per_row)} parameter sets for {len(prompts)} prompts")
     for prompt in prompts:
         check_prompt(prompt, model)
-    speculative = [p for p in per_row if p.decode_mode == "self_speculative"]
-    if speculative:
-        from nemo_ee.inference.speculative import generate_self_speculative
-
-        if len(speculative) != len(per_row):
-            raise ValueError("self_speculative rows cannot share a batch with other decode modes")
-        return [generate_self_speculative(model, prompt, p) for prompt, p in zip(prompts, per_row)]
     from nemo_ee.inference.scheduler import ContinuousBatcher
 
     capacity = min(context_limit(model), max(len(p) + r.max_tokens for p, r in zip(prompts, per_row)))

@@ -101,24 +101,32 @@ class QueryLayout:
 
 
 def cached_attention(cache: KVCache, slot: Hashable, layout: QueryLayout, query: torch.Tensor, key: torch.Tensor,
-                     value: torch.Tensor, scale: float) -> torch.Tensor:
-    """Write the real queries' k/v [n, R, groups, d] into ``slot``, then attend each query [n, R, heads, d]
-    to its row's cached keys at positions <= its own; returns [n, R, heads * d]."""
-    n, r, heads, d = query.shape
+                     value: torch.Tensor, scale: float, packed: bool = False) -> torch.Tensor:
+    """Write the real queries' k/v into ``slot``, then attend each query to its row's cached keys at positions
+    <= its own. Padded: q [n, R, heads, d], k/v [n, R, groups, d] -> [n, R, heads * d]. ``packed``: only the
+    real queries, [m, 1, ...] in :meth:`QueryLayout.pick` order -> [m, 1, heads * d]."""
+    heads, d = query.shape[2], query.shape[3]
+    n, r = layout.n, layout.count
     k_all, v_all = cache.k[slot], cache.v[slot]
-    if layout.block is not None:  # one row, consecutive positions: a slice, not a scatter
+    if layout.block is not None and not packed:  # one row, consecutive positions: a slice, not a scatter
         row, start = layout.block
         k_all[row, :, start:start + n] = key[:, 0].transpose(0, 1)
         v_all[row, :, start:start + n] = value[:, 0].transpose(0, 1)
     else:
-        k_all[layout.flat_rows, :, layout.flat_positions] = layout.pick(key).to(k_all.dtype)
-        v_all[layout.flat_rows, :, layout.flat_positions] = layout.pick(value).to(v_all.dtype)
+        k_all[layout.flat_rows, :, layout.flat_positions] = (key[:, 0] if packed else layout.pick(key)).to(k_all.dtype)
+        v_all[layout.flat_rows, :, layout.flat_positions] = (value[:, 0] if packed else layout.pick(value)).to(
+            v_all.dtype)
+    if packed and layout.select is not None:
+        padded = query.new_zeros(n, r, heads, d)
+        padded[layout.select] = query[:, 0]
+        query = padded
     rows = layout.row_slice if layout.row_slice is not None else layout.rows
     k, v = k_all[rows, :, :layout.upto], v_all[rows, :, :layout.upto]
     q = query.permute(1, 2, 0, 3)  # [R, heads, n, d]
     out = torch.nn.functional.scaled_dot_product_attention(
         q, k.to(q.dtype), v.to(q.dtype), attn_mask=layout.mask, scale=scale, enable_gqa=heads != k.shape[1])
-    return out.permute(2, 0, 1, 3).reshape(n, r, heads * d)
+    out = out.permute(2, 0, 1, 3).reshape(n, r, heads * d)
+    return layout.pick(out).unsqueeze(1) if packed else out
 
 
 class CachedCoreAttention(torch.nn.Module):

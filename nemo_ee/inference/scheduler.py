@@ -3,6 +3,9 @@
 Requests join the running batch at token boundaries and leave when they finish; each keeps its own
 exit rule, sampling settings, seed and exit decisions. A new request's prefill shares the step with
 the other rows' one-token decodes. Rows are the engine's cache rows, reused after a request ends.
+Self-speculative requests share the batch too: in each step such a row either drafts one token (out at
+its draft exit) or verifies its drafts (full depth, final logits of every drafted position), and a
+verify step makes several of its tokens final at once (:class:`~nemo_ee.inference.speculative.SelfSpeculation`).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import torch
 from nemo_ee.inference.engine import EarlyExitEngine
 from nemo_ee.inference.generate import Generation, GenerationParams, check_prompt, context_limit
 from nemo_ee.inference.sampling import sample
+from nemo_ee.inference.speculative import SelfSpeculation
 
 
 @dataclasses.dataclass
@@ -32,15 +36,17 @@ class TokenEvent:
 
 class _Request:
     def __init__(self, rid: int, prompt: Sequence[int], params: GenerationParams, model) -> None:
-        if params.decode_mode == "self_speculative":
-            raise ValueError("self_speculative requests run alone (generate_self_speculative), not in a batch")
         self.rid, self.params = rid, params
+        self.spec = SelfSpeculation(model, params) if params.decode_mode == "self_speculative" else None
         self.rule = params.rule(model.ee_config.exit_layer_nums)
         self.sampling = params.sampling
         self.generator = self.sampling.generator()
         self.budget = min(int(params.max_tokens), context_limit(model) - len(prompt))
+        if self.spec is not None:
+            self.rule = self.spec.full_rule  # the prefill: the first token is the full model's
         self.out = Generation(list(prompt), [], [])
         self.pending = list(prompt)  # tokens to feed at the next step
+        self.prefilled = False
         self.row: Optional[int] = None
         self.started = time.perf_counter()
         self.done = False
@@ -110,13 +116,31 @@ class ContinuousBatcher:
         if not self.running:
             return []
         active = list(self.running.values())
-        results = self.engine.step([q.row for q in active], [q.pending for q in active], [q.rule for q in active])
+        feeds, rules, final_from = [], [], []
+        for q in active:
+            if q.spec is not None and q.prefilled:
+                rule, start = q.spec.plan(self.engine.length(q.row), q.budget - len(q.out.token_ids))
+                feeds.append(q.spec.feed(q.pending[-1]))
+                rules.append(rule)
+                final_from.append(start)
+            else:
+                feeds.append(q.pending)
+                rules.append(q.rule)
+                final_from.append(None)
+        results = self.engine.step([q.row for q in active], feeds, rules, final_from=final_from)
         events = []
         for q in active:
             res = results[q.row]
-            token = sample(res.logits, q.sampling, q.generator)
-            q.accept(token, res.depth)
-            events.append(TokenEvent(q.rid, token, res.depth, q.done, q.out.finish_reason if q.done else None))
+            if q.spec is not None and q.prefilled:
+                made = q.spec.absorb(res, q.generator, lambda length, row=q.row: self.engine.truncate(row, length))
+            else:
+                made = [(sample(res.logits, q.sampling, q.generator), res.depth)]
+            q.prefilled = True
+            for token, depth in made:
+                q.accept(token, depth)
+                events.append(TokenEvent(q.rid, token, depth, q.done, q.out.finish_reason if q.done else None))
+                if q.done:
+                    break
             if q.done:
                 del self.running[q.rid]
                 self.free.append(q.row)

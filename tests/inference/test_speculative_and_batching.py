@@ -1,4 +1,6 @@
 """Self-speculative decoding (lossless) and in-flight batching."""
+import itertools
+
 import pytest
 import torch
 
@@ -96,3 +98,67 @@ def test_requests_joining_a_running_batch(rope_model, prompts):
         assert (out.token_ids, out.exit_layers) == (alone.token_ids, alone.exit_layers)
         assert streamed[rid] == alone.token_ids
     assert sorted(batcher.free) == [0, 1, 2]
+
+
+def count_steps(monkeypatch):
+    from nemo_ee.inference.engine import EarlyExitEngine
+
+    steps = []
+    real_step = EarlyExitEngine.step
+    monkeypatch.setattr(EarlyExitEngine, "step", lambda self, *a, **k: steps.append(len(a[0])) or real_step(self, *a, **k))
+    return steps
+
+
+def test_batched_self_speculative_is_every_rows_full_greedy(rope_model, prompts, monkeypatch):
+    spec = GenerationParams(max_tokens=16, decode_mode="self_speculative", draft_exit=2, num_draft=3)
+    full = generate(rope_model, prompts, GenerationParams(max_tokens=16))
+    steps = count_steps(monkeypatch)
+    alone = [generate(rope_model, [p], spec)[0] for p in prompts]
+    alone_steps = len(steps)
+    steps.clear()
+    batched = generate(rope_model, prompts, spec)
+    for f, a, b in zip(full, alone, batched):
+        assert b.token_ids == f.token_ids == a.token_ids  # lossless, row by row
+        assert b.exit_layers == a.exit_layers  # each row accepted exactly what it accepts alone
+    accepted = [g.exit_layers.count(2) for g in batched]
+    assert len(set(accepted)) > 1  # ragged: rows accepted different numbers of drafts
+    # one batched forward per step for all rows, not one per row: far fewer steps than one at a time
+    assert max(steps) == len(prompts) and len(steps) < alone_steps / 3, (len(steps), alone_steps)
+
+
+def test_self_speculative_rows_share_a_batch_with_other_modes(rope_model, prompts):
+    params = [GenerationParams(max_tokens=12, decode_mode="self_speculative", num_draft=2),
+              GenerationParams(max_tokens=9, threshold=0.2),
+              GenerationParams(max_tokens=12, decode_mode="self_speculative", draft_exit=3, num_draft=4,
+                               temperature=0.8, seed=4),
+              GenerationParams(max_tokens=7, decode_mode="full"),
+              GenerationParams(max_tokens=10, temperature=1.0, top_k=8, seed=2, threshold=0.3),
+              GenerationParams(max_tokens=11, decode_mode="self_speculative", draft_threshold=0.3)]
+    mixed = generate(rope_model, prompts, params)
+    for prompt, p, out in zip(prompts, params, mixed):
+        alone = generate(rope_model, [prompt], p)[0]
+        assert (out.token_ids, out.exit_layers, out.finish_reason) == (alone.token_ids, alone.exit_layers,
+                                                                       alone.finish_reason)
+
+
+def test_adaptive_draft_length(rope_model, prompts, monkeypatch):
+    full = generate(rope_model, prompts, GenerationParams(max_tokens=16))
+    steps = count_steps(monkeypatch)
+    runs = {}
+    for threshold in (None, 0.0, 0.2, 1.0):
+        steps.clear()
+        params = GenerationParams(max_tokens=16, decode_mode="self_speculative", draft_exit=1, num_draft=4,
+                                  draft_threshold=threshold)
+        outs = [generate(rope_model, [p], params)[0] for p in prompts]
+        assert [o.token_ids for o in outs] == [f.token_ids for f in full]  # lossless whatever the length
+        runs[threshold] = (len(steps), [o.exit_layers for o in outs])
+    assert runs[0.0] == runs[None]  # a max probability is never below 0: always the full num_draft
+    def longest_accepted_run(layers):  # consecutive tokens from drafts (depth 1)
+        return max((len(list(g)) for depth, g in itertools.groupby(layers) if depth == 1), default=0)
+
+    # at 1.0 every round stops after its first draft, so no two drafted tokens follow each other
+    assert max(map(longest_accepted_run, runs[1.0][1])) == 1
+    assert max(map(longest_accepted_run, runs[None][1])) > 1
+    assert runs[1.0][0] != runs[None][0] and runs[0.2][0] != runs[None][0]
+    with pytest.raises(ValueError, match=r"draft_threshold=1.5 must be a max probability in 0..1 \(or None\)"):
+        GenerationParams(decode_mode="self_speculative", draft_threshold=1.5)

@@ -8,10 +8,8 @@ Three layers, so that everything but the last is testable without Triton:
   join the running batch of :class:`~nemo_ee.inference.scheduler.ContinuousBatcher` at the next token
   boundary; finished ones leave it (their cache row is reused). Each sequence keeps its own exit rule,
   sampling settings and exit decisions, so it generates exactly what it would generate alone.
-  ``self_speculative`` requests cannot share a batch (one sequence drafts and verifies alone): they wait in
-  a FIFO and the loop runs one of them to completion with
-  :func:`~nemo_ee.inference.speculative.generate_self_speculative` between two steps of the batch. While it
-  runs, the batch pauses; its tokens stream as each verify step makes them final. Responses are sent by the
+  ``self_speculative`` requests share the batch as well: each step a row either drafts or verifies, and a
+  verify step makes several of its tokens final at once (streamed one response per token). Responses are sent by the
   service's :class:`~nemo_ee.deploy.triton.service.Responder` thread, so decoding never waits for Triton's
   response round trip, and it polls the requests' cancellation flags;
 - :class:`TritonBackend` (here): what the repository's ``model.py`` delegates to. ``triton_python_backend_utils``

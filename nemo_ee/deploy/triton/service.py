@@ -180,7 +180,6 @@ class DecodeService:
         self.model, self.tokenizer = model, tokenizer
         self.max_inflight = int(max_inflight)
         self._inbox: "queue.Queue[tuple]" = queue.Queue()
-        self._speculative: collections.deque = collections.deque()
         self._live: dict[int, _Live] = {}
         self._batcher = self._new_batcher()
         self._responder = Responder(cancel_poll_seconds)
@@ -218,7 +217,7 @@ class DecodeService:
         if self._thread is not None:
             self._thread.join(timeout)
         self._responder.close(timeout)  # what the loop queued is sent first
-        pending = list(self._live.values()) + [_Live(*item) for item in self._speculative]
+        pending = list(self._live.values())
         while True:
             try:
                 item = self._inbox.get_nowait()
@@ -229,7 +228,6 @@ class DecodeService:
         for live in pending:
             self._deliver(live, Update([], [], error="the model is being unloaded; the request was not finished"))
         self._live.clear()
-        self._speculative.clear()
         self.stats.update({f"responder_{k}": v for k, v in self._responder.stats.items()})
 
     # -------------------------------------------------------------------- loop
@@ -245,7 +243,7 @@ class DecodeService:
                     self._fail_all(f"internal error while decoding: {type(err).__name__}: {err}")
 
     def _iteration(self) -> None:
-        idle = not self._batcher.busy and not self._speculative
+        idle = not self._batcher.busy
         try:
             items = [self._inbox.get(timeout=0.5)] if idle else []
         except queue.Empty:
@@ -263,15 +261,10 @@ class DecodeService:
                 self._drop(rid)
         if self._batcher.busy:
             self._step()
-        if self._speculative and not self._stop.is_set():
-            self._run_speculative(self._speculative.popleft())
 
     def _admit(self, job: Job, sink: Callable, cancelled: Optional[Callable]) -> None:
         self.stats["requests"] += 1
         live = _Live(job, sink, cancelled)
-        if job.params.decode_mode == "self_speculative":
-            self._speculative.append((job, sink, cancelled))
-            return
         try:
             rid = self._batcher.submit(job.prompt_ids, job.params)
         except ValueError as err:
@@ -279,6 +272,7 @@ class DecodeService:
             return
         self._live[rid] = live
         self._responder.watch(live)
+        self.stats["speculative"] += job.params.decode_mode == "self_speculative"
 
     def _step(self) -> None:
         rows = len(self._batcher.running) + min(len(self._batcher.waiting), len(self._batcher.free))
@@ -302,34 +296,6 @@ class DecodeService:
             if update is not None:
                 outgoing.append((live, update))
         self._responder.put_all(outgoing)
-
-    def _run_speculative(self, item: tuple) -> None:
-        from nemo_ee.inference.speculative import generate_self_speculative
-
-        live = _Live(*item)
-        if live.cancelled is not None and _asks_cancelled(live):
-            self.stats["cancelled"] += 1
-            return
-        self._responder.watch(live)
-        self.stats["speculative"] += 1
-        sent = 0
-
-        def on_token(token: int, depth: int, finished: bool, reason: str) -> bool:
-            nonlocal sent
-            sent += 1
-            update = live.add(self.tokenizer, token, depth, finished, reason)
-            if update is not None:
-                self._deliver(live, update)
-            return not live.gone  # False: the client went away, stop generating
-
-        try:
-            generate_self_speculative(self.model, live.job.prompt_ids, live.job.params, on_token=on_token)
-        except ValueError as err:
-            self._deliver(live, Update([], [], error=str(err)))
-            return
-        self.stats["tokens"] += sent
-        if live.gone:
-            self.stats["cancelled"] += 1
 
     # -------------------------------------------------------------------- helpers
     def _deliver(self, live: _Live, update: Update) -> None:
