@@ -7,9 +7,10 @@
 --nemo: an EE-tuned, calibrated .nemo of an imported model (the main job writes one for SmolLM2-135M-Instruct);
 --hf-dir: the HF folder it was converted from (default: the cached HF folder of the default SmolLM2 GGUF).
 What is measured and how is in nemo_ee/inference/bench_real.py. The last line printed is
-  RESULT full_vs_hf_b1=<r> full_vs_hf_b8=<r> ee_speedup=<s> ee_agreement=<a> ee_mean_depth=<d>
-         selfspec_speedup=<s> selfspec_vs_hf_generate=<r> hf_ee_speedup=<r> identical=<true|false> selfspec_identical=<true|false>
-(one line). --out writes bench_real_model.json there.
+  RESULT full_vs_hf_b1=<r> full_vs_hf_b8=<r> roofline_b1=<f> ee_speedup=<s> ee_agreement=<a> ee_mean_depth=<d>
+         ee_b8_speedup=<s> selfspec_speedup=<s> selfspec_vs_hf_generate=<r> selfspec_b8_speedup=<s>
+         selfspec_adaptive_vs_fixed=<r> hf_ee_speedup=<r> identical=<true|false> selfspec_identical=<true|false>
+(one line). --out writes bench_real_model.json and bench_real_batches.png (tokens/s by batch size) there.
 """
 from __future__ import annotations
 
@@ -29,11 +30,18 @@ def main(argv=None) -> int:
     p.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="cpu: this process's CPU time")
     p.add_argument("--draft-exit", type=int, help="self-speculative draft exit layer (default: best predicted)")
     p.add_argument("--num-draft", type=int, help="self-speculative drafts per verification (default: best predicted)")
-    p.add_argument("--quick", action="store_true", help="2 prompts x 16 tokens, batch 2")
+    p.add_argument("--batches", default="1,2,4,8,16", help="batch sizes of the tokens/s-by-batch sweep and plot")
+    p.add_argument("--quick", action="store_true", help="2 prompts x 16 tokens, batch 2, batches 1,2")
     p.add_argument("--out", help="folder for bench_real_model.json")
     args = p.parse_args(argv)
     if args.quick:
-        args.prompts, args.new_tokens, args.batch = 2, 16, 2
+        args.prompts, args.new_tokens, args.batch, args.batches = 2, 16, 2, "1,2"
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        p.error(f"--batches {args.batches!r} must be comma-separated integers")
+    if not batches or min(batches) < 1:
+        p.error(f"--batches {args.batches!r} must be batch sizes >= 1")
     for name in ("prompts", "new_tokens", "batch", "repeats", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
@@ -49,7 +57,7 @@ def main(argv=None) -> int:
         nemo = load_nemo_for_inference(args.nemo)
         hf_dir = args.hf_dir or cached_hf_dir(locate_gguf())
         result = run(nemo, hf_dir, args.prompts, args.new_tokens, args.batch, args.repeats, args.clock,
-                     args.draft_exit, args.num_draft, args.out, log=lambda s: print(s, flush=True))
+                     args.draft_exit, args.num_draft, args.out, log=lambda s: print(s, flush=True), batches=batches)
     except (CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -13,8 +13,15 @@ Measured:
   ee_*                  early exit at the .nemo's calibrated thresholds vs our full decode (batch 1): speedup,
                         agreement (share of tokens equal to the full model's greedy token given the same
                         prefix), mean exit depth
+  roofline_b1           our batch-1 full-depth tokens/s over the memory roofline: the machine's bandwidth (bytes a
+                        large tensor copy moves per second, same clock and threads) / the weight bytes a token reads
+  ee_b8_speedup         early exit at the calibrated thresholds, one batch of ``batch``, over our batched full decode
   selfspec_*            lossless self-speculative decoding drafting at a tuned exit vs our full decode and vs
-                        HF ``generate`` (tokens/s ratio)
+                        HF ``generate`` (tokens/s ratio); the draft exit, length and adaptive threshold are chosen by
+                        :mod:`nemo_ee.inference.draft_choice` from measured step costs (the better predicted of the
+                        best fixed length and the best adaptive setting)
+  selfspec_b8_speedup   the same, batched (every row drafts, one forward verifies all rows), over batched full decode
+  selfspec_adaptive_vs_fixed  the best adaptive setting's tokens/s over the best fixed length's (batch 1)
   hf_ee_speedup         HF ``generate(assistant_early_exit=E)`` (its own self-speculation at the same layer,
                         with the untrained final head as drafter) over HF ``generate``
   selfspec_identical    our self-speculative output equals our full decode token for token (lossless)
@@ -34,12 +41,15 @@ from typing import Any, Optional, Sequence
 import torch
 
 from nemo_ee.data.chat_prompts import BENCH_OFFSET, chat_prompt_ids
-from nemo_ee.inference.bench import agreement, paired, predicted_selfspec
+from nemo_ee.inference import draft_choice
+from nemo_ee.inference.bench import agreement, paired, predicted_selfspec, step_costs
 from nemo_ee.inference.generate import GenerationParams, generate
-from nemo_ee.inference.speculative import generate_self_speculative
+from nemo_ee.plots import line_plot
 
-RESULT_KEYS = ("full_vs_hf_b1", "full_vs_hf_b8", "ee_speedup", "ee_agreement", "ee_mean_depth", "selfspec_speedup",
-               "selfspec_vs_hf_generate", "hf_ee_speedup", "identical", "selfspec_identical")
+RESULT_KEYS = ("full_vs_hf_b1", "full_vs_hf_b8", "roofline_b1", "ee_speedup", "ee_agreement", "ee_mean_depth",
+               "ee_b8_speedup", "selfspec_speedup", "selfspec_vs_hf_generate", "selfspec_b8_speedup",
+               "selfspec_adaptive_vs_fixed", "hf_ee_speedup", "identical", "selfspec_identical")
+SWEEP_BATCHES = (1, 2, 4, 8, 16)
 
 
 class HFSide:
@@ -136,9 +146,58 @@ def choose_draft(model: torch.nn.Module, acceptance: dict[int, float], ks: Seque
     return best
 
 
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights one full-depth token reads: every decoder layer and the final norm, and the whole output
+    matrix (the embedding when tied); the embedding lookup reads one row, exits are not run."""
+    out = model.shared_embedding_or_output_weight() if model.ee_config.share_embeddings_and_output_weights \
+        else model.output_layer.weight
+    params = list(model.decoder.parameters()) + [out]
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def copy_bandwidth(clock: str = "cpu", megabytes: int = 256, repeats: int = 5) -> float:
+    """Bytes per second a large tensor copy moves (read + write), on ``clock``, with torch's current threads."""
+    src = torch.randn(megabytes * 2 ** 18)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # touch every page first
+    timer = time.process_time if clock == "cpu" else time.perf_counter
+    best = math.inf
+    for _ in range(repeats):
+        t0 = timer()
+        dst.copy_(src)
+        best = min(best, timer() - t0)
+    return 2 * src.numel() * src.element_size() / best
+
+
+def batch_sweep(model: Any, hf: "HFSide", prompts: Sequence[Sequence[int]], batches: Sequence[int],
+                params: dict[str, GenerationParams], clock: str = "cpu") -> dict[str, dict[int, float]]:
+    """Tokens/s of each of our settings (name -> params) and of HF ``generate`` at each batch size, one timed
+    run each, alternating the order per batch size; every row generates exactly the same number of tokens."""
+    timer = time.process_time if clock == "cpu" else time.perf_counter
+    sides = [(name, lambda group, p=p: generate(model, group, p)) for name, p in params.items()]
+    sides.append(("HF generate", lambda group: hf.generate(group)))
+    out: dict[str, dict[int, float]] = {name: {} for name, _ in sides}
+    new = next(iter(params.values())).max_tokens
+    for j, b in enumerate(batches):
+        group = [list(p) for p in prompts[:b]]
+        for name, fn in (sides if j % 2 == 0 else sides[::-1]):
+            t0 = timer()
+            fn(group)
+            out[name][b] = b * new / (timer() - t0)
+    return out
+
+
+def batch_plot(path: Path, sweep: dict[str, dict[int, float]], hf_ee_b1: Optional[float], note: str) -> Path:
+    """Tokens/s against batch size, one line per setting; HF assistant_early_exit as a batch-1 point."""
+    series = {name: sorted(points.items()) for name, points in sweep.items()}
+    marks = {"HF assistant_early_exit (batch 1 only)": (1, hf_ee_b1)} if hf_ee_b1 else {}
+    return line_plot(path, series, "Decode tokens/s by batch size (same prompts, same weights)", "batch size",
+                     "tokens / s", note=note, marks=marks, log2x=True)
+
+
 def run(nemo: Any, hf_dir: str | Path, num_prompts: int = 8, new_tokens: int = 64, batch: int = 8,
         repeats: int = 1, clock: str = "cpu", draft_exit: Optional[int] = None, num_draft: Optional[int] = None,
-        out_dir: Optional[str | Path] = None, log: Any = print) -> dict:
+        out_dir: Optional[str | Path] = None, log: Any = print, batches: Sequence[int] = SWEEP_BATCHES) -> dict:
     """Every measurement of the module docstring; returns the RESULT values and the details."""
     from nemo_ee.inference.loading import inference_defaults
 
@@ -151,7 +210,7 @@ def run(nemo: Any, hf_dir: str | Path, num_prompts: int = 8, new_tokens: int = 6
         raise ValueError("the .nemo has no calibrated thresholds: run scripts/calibrate.py on it first")
     if not defaults.get("exit_thresholds") and defaults.get("threshold") is None:
         log("note: calibration disabled every exit (none reaches the target): early exit = full-depth decoding")
-    prompts = chat_prompt_ids(tok, max(num_prompts, batch), BENCH_OFFSET)
+    prompts = chat_prompt_ids(tok, max(num_prompts, batch, *batches), BENCH_OFFSET)
     hf = HFSide(hf_dir, new_tokens, ee.num_layers)
     parity = check_same_weights(model, hf, prompts[0])
     log(f"same weights: max |logit diff| {parity:.2e}; {len(prompts)} prompts of {min(map(len, prompts))}.."
@@ -179,6 +238,10 @@ def run(nemo: Any, hf_dir: str | Path, num_prompts: int = 8, new_tokens: int = 6
     log(f"full depth, batch {batch}: ours {batch * new_tokens / b8['a']:.1f} tok/s, HF generate "
         f"{batch * new_tokens / b8['b']:.1f} tok/s, ratio {b8['ratio']:.3f}; rows identical {same_rows}/{batch}")
     details.update(full_b1=b1, full_b8=b8)
+    bandwidth, nbytes = copy_bandwidth(clock), weight_bytes(model)
+    roofline = bandwidth / nbytes
+    log(f"roofline at batch 1: {bandwidth / 1e9:.1f} GB/s copy bandwidth / {nbytes / 1e6:.0f} MB of weights per token "
+        f"= {roofline:.1f} tok/s; ours {new_tokens / b1['a']:.1f} tok/s = {new_tokens / b1['a'] / roofline:.3f} of it")
 
     # ---- early exit at the calibrated thresholds vs our full decode
     ee_params = GenerationParams(max_tokens=new_tokens, **defaults)
@@ -192,33 +255,70 @@ def run(nemo: Any, hf_dir: str | Path, num_prompts: int = 8, new_tokens: int = 6
         f"speedup {res['ratio']:.3f} (wall {res['ratio_wall']:.3f}), agreement {ee_agree:.4f}, mean depth "
         f"{ee_depth:.2f} of {ee.num_layers}")
 
+    ee8 = paired(lambda _: generate(model, group, ee_params), lambda _: generate(model, group, full), 1,
+                 max(repeats, 2), clock)
+    alone = {tuple(p): g.token_ids for p, g in zip(bench, gens)}
+    ee8_same = [alone[tuple(p)] == g.token_ids for p, g in zip(group, ee8["out_a"][0]) if tuple(p) in alone]
+    log(f"early exit, batch {batch}: {ee8['ratio']:.3f}x our batched full decode; rows equal to their batch-1 "
+        f"output {sum(ee8_same)}/{len(ee8_same)}")
+
     # ---- self-speculative (ours, tuned exit) vs full and vs HF generate; HF assistant_early_exit at that layer
-    acceptance = teacher_forced_acceptance(model, bench, ours_full)
-    layer, k, predicted = choose_draft(model, acceptance)
-    layer, k = draft_exit or layer, num_draft or k
-    log("teacher-forced acceptance per exit: " + ", ".join(f"l{a}={b:.3f}" for a, b in acceptance.items())
-        + f"; drafting at layer {layer}, {k} tokens (predicted {predicted:.2f}x)")
-    spec = GenerationParams(max_tokens=new_tokens, decode_mode="self_speculative", draft_exit=layer, num_draft=k)
-    ss = paired(lambda i: generate_self_speculative(model, bench[i], spec).token_ids,
+    stats = draft_choice.draft_stats(model, bench, ours_full)
+    costs = step_costs(model, steps=24, context=64, clock=clock)["depth_seconds"]
+    draft_costs = {ee.exit_layer_nums[i]: costs[model.exits[str(i)].point] / costs[ee.num_layers]
+                   for i in model.local_exit_indices if model.exits[str(i)].point in costs}
+    choice = draft_choice.choose(stats, draft_costs)
+    (f_layer, f_k, f_pred), (a_layer, a_k, a_t, a_pred) = choice["fixed"], choice["adaptive"]
+    log("draft steps cost " + ", ".join(f"l{a}={c:.3f}" for a, c in draft_costs.items()) + " of a full step; "
+        "teacher-forced acceptance " + ", ".join(f"l{a}={stats.acceptance(a):.3f}" for a in draft_costs)
+        + f"; best fixed: layer {f_layer}, k={f_k} (predicted {f_pred:.3f}x); best adaptive: layer {a_layer}, "
+        f"up to {a_k}, threshold {a_t} (predicted {a_pred:.3f}x)")
+    fixed = GenerationParams(max_tokens=new_tokens, decode_mode="self_speculative", draft_exit=draft_exit or f_layer,
+                             num_draft=num_draft or f_k)
+    adaptive = GenerationParams(max_tokens=new_tokens, decode_mode="self_speculative", draft_exit=draft_exit or a_layer,
+                                num_draft=num_draft or a_k, draft_threshold=a_t)
+    spec = adaptive if a_pred > f_pred else fixed
+    layer, k = spec.draft_exit, spec.num_draft
+    adapt = paired(lambda i: generate(model, [bench[i]], adaptive)[0].token_ids,
+                   lambda i: generate(model, [bench[i]], fixed)[0].token_ids, len(bench), repeats, clock)
+    log(f"adaptive vs fixed draft length: {adapt['ratio']:.3f}x; both lossless: "
+        f"{adapt['out_a'] == ours_full and adapt['out_b'] == ours_full}")
+    ss = paired(lambda i: generate(model, [bench[i]], spec)[0].token_ids,
                 lambda i: generate(model, [bench[i]], full)[0].token_ids, len(bench), repeats, clock)
-    ss_hf = paired(lambda i: generate_self_speculative(model, bench[i], spec).token_ids,
+    ss_hf = paired(lambda i: generate(model, [bench[i]], spec)[0].token_ids,
                    lambda i: hf.generate([bench[i]])[0], len(bench), repeats, clock)
+    ss8 = paired(lambda _: [g.token_ids for g in generate(model, group, spec)],
+                 lambda _: [g.token_ids for g in generate(model, group, full)], 1, max(repeats, 2), clock)
+    ss8_lossless = ss8["out_a"][0] == ss8["out_b"][0]
+    log(f"self-speculative, batch {batch}: {ss8['ratio']:.3f}x our batched full decode; every row equal to its "
+        f"full decode: {ss8_lossless}")
     hf_ee = paired(lambda i: hf.generate([bench[i]], assistant_early_exit=layer)[0],
                    lambda i: hf.generate([bench[i]])[0], len(bench), repeats, clock)
-    lossless = ss["out_a"] == ours_full  # self-speculative == our own full decode, token for token
+    lossless = ss["out_a"] == ours_full and ss8_lossless  # self-speculative == our full decode, token for token
     identical_spec = lossless and ss_hf["out_a"] == ss_hf["out_b"]
     identical_hf_ee = hf_ee["out_a"] == hf_ee["out_b"]
-    log(f"self-speculative (layer {layer}, k={k}): {ss['ratio']:.3f}x our full decode, {ss_hf['ratio']:.3f}x HF "
+    log(f"self-speculative (layer {layer}, k={k}, threshold {spec.draft_threshold}): {ss['ratio']:.3f}x our full decode, {ss_hf['ratio']:.3f}x HF "
         f"generate; identical to our full decode: {lossless}, to HF generate: {ss_hf['out_a'] == ss_hf['out_b']}")
     log(f"HF assistant_early_exit={layer}: {hf_ee['ratio']:.3f}x HF generate; identical {identical_hf_ee}")
 
-    values = {"full_vs_hf_b1": b1["ratio"], "full_vs_hf_b8": b8["ratio"], "ee_speedup": res["ratio"],
-              "ee_agreement": ee_agree, "ee_mean_depth": ee_depth, "selfspec_speedup": ss["ratio"],
-              "selfspec_vs_hf_generate": ss_hf["ratio"], "hf_ee_speedup": hf_ee["ratio"],
+    # ---- tokens/s by batch size
+    sweep = batch_sweep(model, hf, prompts, [b for b in batches if b <= len(prompts)],
+                        {"full depth": full, "early exit (calibrated)": ee_params, "self-speculative": spec}, clock)
+    log("tokens/s by batch size: " + "; ".join(f"{name}: " + ", ".join(f"b{b}={v:.1f}" for b, v in points.items())
+                                               for name, points in sweep.items()))
+
+    values = {"full_vs_hf_b1": b1["ratio"], "full_vs_hf_b8": b8["ratio"],
+              "roofline_b1": new_tokens / b1["a"] / roofline, "ee_speedup": res["ratio"],
+              "ee_agreement": ee_agree, "ee_mean_depth": ee_depth, "ee_b8_speedup": ee8["ratio"],
+              "selfspec_speedup": ss["ratio"], "selfspec_vs_hf_generate": ss_hf["ratio"],
+              "selfspec_b8_speedup": ss8["ratio"], "selfspec_adaptive_vs_fixed": adapt["ratio"],
+              "hf_ee_speedup": hf_ee["ratio"],
               "identical": identical_b1 and identical_spec and identical_hf_ee, "selfspec_identical": lossless}
     extra = {"identical_b8_rows": f"{same_rows}/{batch}", "identical_b1_prompts": f"{len(bench) - len(split)}/{len(bench)}",
-             "divergences_b1": split, "draft_exit": layer, "num_draft": k,
-             "acceptance": acceptance, "tok_s_ours_b1": new_tokens / b1["a"], "tok_s_hf_b1": new_tokens / b1["b"],
+             "divergences_b1": split, "draft_exit": layer, "num_draft": k, "draft_threshold": spec.draft_threshold,
+             "draft_choice": choice, "draft_costs": draft_costs, "ee_b8_rows_equal_b1": f"{sum(ee8_same)}/{len(ee8_same)}",
+             "acceptance": {a: stats.acceptance(a) for a in draft_costs}, "bandwidth_bytes_s": bandwidth,
+             "weight_bytes": nbytes, "roofline_tok_s": roofline, "batch_sweep": sweep, "tok_s_ours_b1": new_tokens / b1["a"], "tok_s_hf_b1": new_tokens / b1["b"],
              "tok_s_ours_b8": batch * new_tokens / b8["a"], "tok_s_hf_b8": batch * new_tokens / b8["b"],
              "new_tokens": new_tokens, "prompts": len(bench), "batch": batch, "clock": clock,
              "threads": torch.get_num_threads(), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -226,6 +326,9 @@ def run(nemo: Any, hf_dir: str | Path, num_prompts: int = 8, new_tokens: int = 6
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "bench_real_model.json").write_text(json.dumps({**values, **extra}, indent=2, default=str) + "\n")
+        batch_plot(out / "bench_real_batches.png", sweep, new_tokens / hf_ee["a"],
+                   f"{new_tokens} new tokens per row, {clock} clock, {torch.get_num_threads()} thread(s); draft layer "
+                   f"{layer}, k={k}, threshold {spec.draft_threshold}")
     return {"values": values, "extra": extra}
 
 

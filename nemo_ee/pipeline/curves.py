@@ -107,7 +107,7 @@ def curves_settings(cfg: DictConfig) -> dict:
 
 def run_loss_curves(ctx: StageContext) -> StageResult:
     """Read the pretraining event files and the tuning log; one PNG panel per run, a table of first/last values."""
-    from nemo_ee.pipeline.plots import loss_curves
+    from nemo_ee.plots import loss_curves
 
     panels: dict[str, Curves] = {}
     for name, title in (("pretrain_plain", "Pretraining: plain GPT"), ("pretrain_ee", "Pretraining: early-exit GPT")):

@@ -180,7 +180,7 @@ def run_sweep(ctx: StageContext) -> StageResult:
     import csv
 
     from nemo_ee.inference.loading import load_nemo_for_inference
-    from nemo_ee.pipeline.plots import grouped_bars, sweep_comparison
+    from nemo_ee.plots import grouped_bars, sweep_comparison
 
     s = sweep_settings(ctx.cfg)
     results: dict[str, dict] = {}

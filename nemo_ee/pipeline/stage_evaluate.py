@@ -24,7 +24,7 @@ def check_evaluate(cfg: DictConfig, given: dict) -> None:
 def run_evaluate(ctx: StageContext) -> StageResult:
     """Per-exit validation loss of the EE-pretrained and EE-tuned models on the same batches: table, JSON, PNG."""
     from nemo_ee.pipeline.evaluate import evaluate_models, loss_table
-    from nemo_ee.pipeline.plots import exit_loss_plot
+    from nemo_ee.plots import exit_loss_plot
 
     paths = {MODEL_LABELS[name]: ctx.inputs[name]["nemo"] for name in ("pretrain_ee", "add_exits", "ee_tune")
              if name in ctx.inputs}

@@ -285,7 +285,7 @@ def run_real_sweep(ctx: StageContext) -> StageResult:
     from nemo_ee.inference.generate import GenerationParams, generate
     from nemo_ee.inference.loading import inference_defaults, load_nemo_for_inference
     from nemo_ee.inference.render import mark_exits
-    from nemo_ee.pipeline.plots import selfspec_plot, sweep_comparison
+    from nemo_ee.plots import selfspec_plot, sweep_comparison
 
     s = sweep_settings(ctx.cfg)
     path = ctx.inputs["real_calibrate"]["nemo"]

@@ -135,6 +135,29 @@ def selfspec_plot(path: Path, rows: Sequence[dict], title: str, note: Optional[s
     return _save(fig, path, note, 0.03)
 
 
+def line_plot(path: Path, series: dict[str, Sequence[tuple[float, float]]], title: str, xlabel: str, ylabel: str,
+              note: Optional[str] = None, marks: Optional[dict[str, tuple[float, float]]] = None,
+              log2x: bool = False) -> Path:
+    """One line per series of (x, y) points; ``marks``: single labelled points (name -> (x, y))."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=120)
+    for s, (name, points) in enumerate(series.items()):
+        xs, ys = [x for x, _ in points], [y for _, y in points]
+        ax.plot(xs, ys, marker="o", label=name, color=COLORS[s % len(COLORS)])
+    for m, (name, (x, y)) in enumerate((marks or {}).items()):
+        ax.scatter([x], [y], marker="*", s=160, zorder=3, label=name, color=COLORS[(len(series) + m) % len(COLORS)])
+    if log2x:
+        ax.set_xscale("log", base=2)
+        ticks = sorted({x for points in series.values() for x, _ in points})
+        ax.set_xticks(ticks, [str(int(t)) for t in ticks])
+    ax.set_xlabel(xlabel, fontsize=11)
+    ax.set_ylabel(ylabel, fontsize=11)
+    ax.set_title(title, fontsize=12)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9)
+    return _save(fig, path, note, 0.03)
+
+
 def _save(fig: Any, path: Path, note: Optional[str], note_height: float) -> Path:
     """Footnote (if any), tight layout leaving ``note_height`` for it, write the PNG, free the figure."""
     if note:
