@@ -168,16 +168,17 @@ def paired(run_a: Callable[[int], Any], run_b: Callable[[int], Any], count: int,
 
 @torch.no_grad()
 def step_costs(model: torch.nn.Module, steps: int = 40, context: int = 32,
-               twin: Optional[torch.nn.Module] = None, clock: str = "cpu") -> dict:
+               twin: Optional[torch.nn.Module] = None, clock: str = "cpu", vocab: Optional[tuple] = None) -> dict:
     """Decode-step seconds (batch 1) at each exit depth (forced exit) and at full depth, and a linear fit.
 
     Every (model, depth) is timed round-robin (drift hits all alike), the first steps excluded, medians
     kept. Returns ``{"depth_seconds": {depth: s}, "per_layer": s, "fixed": s}``; ``fixed`` is what a step
     costs besides its layers (embedding, the head, bookkeeping), extrapolated to depth 0. With ``twin``
-    (the same architecture at another width, see :func:`narrow_twin`) also ``"twin_per_layer"``.
+    (the same architecture at another width, see :func:`narrow_twin`) also ``"twin_per_layer"``. ``vocab``:
+    the exits score only these ids (an exit vocabulary; the model only).
     """
     cases = [(name, m, d, rule) for name, m in (("model", model), ("twin", twin)) if m is not None
-             for d, rule in _depth_rules(m).items()]
+             for d, rule in _depth_rules(m, vocab if name == "model" else None).items()]
     engines = []
     for name, m, d, rule in cases:
         ctx = min(context, m.ee_config.max_positions // 2)
@@ -201,10 +202,10 @@ def step_costs(model: torch.nn.Module, steps: int = 40, context: int = 32,
     return out
 
 
-def _depth_rules(model: torch.nn.Module) -> dict:
+def _depth_rules(model: torch.nn.Module, vocab: Optional[tuple] = None) -> dict:
     rules = {model.ee_config.num_layers: ExitRule.full()}
     for index in exit_order(model):
-        rules.setdefault(model.exits[str(index)].point, ExitRule(forced=index))
+        rules.setdefault(model.exits[str(index)].point, ExitRule(forced=index, vocab=vocab))
     return rules
 
 

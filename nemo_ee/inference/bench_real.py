@@ -251,7 +251,8 @@ def run(nemo: Any, hf_dir: str | Path, num_prompts: int = 8, new_tokens: int = 6
     ee_agree, _ = agreement(model, gens, ours_full)
     depths = [d for g in gens for d in g.exit_layers]
     ee_depth = sum(depths) / len(depths)
-    log(f"early exit at the calibrated thresholds {defaults.get('exit_thresholds') or defaults.get('threshold')}: "
+    log(f"early exit at the calibrated thresholds {defaults.get('exit_thresholds') or defaults.get('threshold')}"
+        + (f" over an exit vocabulary of {len(defaults['exit_vocab'])} ids" if defaults.get("exit_vocab") else "") + ": "
         f"speedup {res['ratio']:.3f} (wall {res['ratio_wall']:.3f}), agreement {ee_agree:.4f}, mean depth "
         f"{ee_depth:.2f} of {ee.num_layers}")
 
@@ -263,8 +264,9 @@ def run(nemo: Any, hf_dir: str | Path, num_prompts: int = 8, new_tokens: int = 6
         f"output {sum(ee8_same)}/{len(ee8_same)}")
 
     # ---- self-speculative (ours, tuned exit) vs full and vs HF generate; HF assistant_early_exit at that layer
-    stats = draft_choice.draft_stats(model, bench, ours_full)
-    costs = step_costs(model, steps=24, context=64, clock=clock)["depth_seconds"]
+    vocab = defaults.get("exit_vocab")  # the calibrated exit vocabulary (drafts read it too), if any
+    stats = draft_choice.draft_stats(model, bench, ours_full, vocab)
+    costs = step_costs(model, steps=24, context=64, clock=clock, vocab=vocab)["depth_seconds"]
     draft_costs = {ee.exit_layer_nums[i]: costs[model.exits[str(i)].point] / costs[ee.num_layers]
                    for i in model.local_exit_indices if model.exits[str(i)].point in costs}
     choice = draft_choice.choose(stats, draft_costs)
@@ -274,9 +276,9 @@ def run(nemo: Any, hf_dir: str | Path, num_prompts: int = 8, new_tokens: int = 6
         + f"; best fixed: layer {f_layer}, k={f_k} (predicted {f_pred:.3f}x); best adaptive: layer {a_layer}, "
         f"up to {a_k}, threshold {a_t} (predicted {a_pred:.3f}x)")
     fixed = GenerationParams(max_tokens=new_tokens, decode_mode="self_speculative", draft_exit=draft_exit or f_layer,
-                             num_draft=num_draft or f_k)
+                             num_draft=num_draft or f_k, exit_vocab=vocab)
     adaptive = GenerationParams(max_tokens=new_tokens, decode_mode="self_speculative", draft_exit=draft_exit or a_layer,
-                                num_draft=num_draft or a_k, draft_threshold=a_t)
+                                num_draft=num_draft or a_k, draft_threshold=a_t, exit_vocab=vocab)
     spec = adaptive if a_pred > f_pred else fixed
     layer, k = spec.draft_exit, spec.num_draft
     adapt = paired(lambda i: generate(model, [bench[i]], adaptive)[0].token_ids,

@@ -16,6 +16,9 @@ What it does, precisely (CALM-style consistency target, without CALM's statistic
    all candidates, so every looser candidate misses). Thresholds sit halfway between consecutive distinct
    statistic values, so float noise between the cached and the teacher-forced forward does not flip a
    decision. An exit where no threshold reaches the target is disabled (left out of ``exit_thresholds``).
+   With ``exit_vocab_size`` N, the exits score only the N most frequent tokens of the calibration prompts and
+   the full model's answers to them (an *exit vocabulary*: each exit reads N rows of its output matrix instead of all,
+   so an exit that does not fire costs a sliver of a step); statistics and argmax are taken over those ids.
 4. **Verification**: real early-exit decoding (:func:`nemo_ee.inference.generate.generate`) of the same
    prompts at the chosen thresholds; measured agreement = share of positions whose token equals the full
    model's token at that position (one divergence changes the rest of the sequence, so this is stricter
@@ -61,6 +64,7 @@ class ExitStatistics:
     agree: torch.Tensor   # [exits, positions] bool: exit argmax == full model's greedy token
     full_tokens: list     # per prompt: the full model's greedy tokens
     vocab_size: int
+    exit_vocab: Optional[tuple] = None  # the ids the exits score (None: all)
 
     @property
     def n_tokens(self) -> int:
@@ -82,9 +86,18 @@ def _bar(total: int, desc: str, progress: bool):
     return tqdm(total=total, desc=desc, unit="prompt", disable=not progress)
 
 
+def frequent_tokens(sequences: Sequence[Sequence[int]], size: int) -> tuple:
+    """The ``size`` most frequent ids of ``sequences`` (all of them when fewer), sorted by id."""
+    import collections
+
+    counts = collections.Counter(t for seq in sequences for t in seq)
+    return tuple(sorted(t for t, _ in counts.most_common(int(size))))
+
+
 @torch.no_grad()
 def collect_statistics(model: torch.nn.Module, prompts: Sequence[Sequence[int]], policy: str = "max_prob",
-                       max_tokens: int = 32, batch_size: int = 8, progress: bool = True) -> ExitStatistics:
+                       max_tokens: int = 32, batch_size: int = 8, progress: bool = True,
+                       exit_vocab_size: Optional[int] = None) -> ExitStatistics:
     """Full greedy decoding of ``prompts``, then each exit's statistic and agreement at every new position."""
     check_calibration_args(1.0, policy, max_tokens)
     prompts = [list(p) for p in prompts]
@@ -95,15 +108,26 @@ def collect_statistics(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
     ee = model.ee_config
     if not ee.exit_layer_nums:
         raise ValueError("the model has no exits: nothing to calibrate")
+    if exit_vocab_size is not None and (int(exit_vocab_size) != exit_vocab_size or exit_vocab_size < 1):
+        raise ValueError(f"exit_vocab_size={exit_vocab_size} must be an integer >= 1 (or None: every token)")
     order = _exit_order(model)
     full = GenerationParams(max_tokens=int(max_tokens), decode_mode="full")
     stats: list[list[torch.Tensor]] = [[] for _ in order]
     agree: list[list[torch.Tensor]] = [[] for _ in order]
     full_tokens: list = []
     model.eval()
-    with _bar(len(prompts), "calibration: full decoding + exit statistics", progress) as bar:
-        for batch in _batches(prompts, max(1, int(batch_size))):
-            gens = generate(model, batch, full)
+    batches = list(_batches(prompts, max(1, int(batch_size))))
+    with _bar(len(prompts), "calibration: full greedy decoding", progress) as bar:
+        answers = []
+        for batch in batches:
+            answers.append(generate(model, batch, full))
+            bar.update(len(batch))
+    vocab = None
+    if exit_vocab_size is not None:
+        vocab = frequent_tokens(prompts + [g.token_ids for gens in answers for g in gens], exit_vocab_size)
+    vocab_ids = torch.tensor(vocab) if vocab is not None else None
+    with _bar(len(prompts), "calibration: exit statistics", progress) as bar:
+        for batch, gens in zip(batches, answers):
             seqs = [p + g.token_ids[:-1] for p, g in zip(batch, gens)]
             width = max(len(s) for s in seqs)
             ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])  # right padding: causal, never read
@@ -113,13 +137,16 @@ def collect_statistics(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
                 target = torch.tensor(g.token_ids)
                 for e, index in enumerate(order):
                     logits = out.exits[index][row, span].float()
+                    if vocab_ids is not None:
+                        logits = logits[:, vocab_ids]
                     stats[e].append(confidence(policy, logits))
-                    agree[e].append(logits.argmax(dim=-1) == target)
+                    pick = logits.argmax(dim=-1)
+                    agree[e].append((vocab_ids[pick] if vocab_ids is not None else pick) == target)
                 full_tokens.append(list(g.token_ids))
             bar.update(len(batch))
     return ExitStatistics(policy, [ee.exit_layer_nums[i] for i in order],
                           torch.stack([torch.cat(s) for s in stats]), torch.stack([torch.cat(a) for a in agree]),
-                          full_tokens, int(ee.vocab_size))
+                          full_tokens, int(ee.vocab_size) if vocab is None else len(vocab), vocab)
 
 
 def fires(policy: str, stats: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -183,12 +210,14 @@ def positional_agreement(tokens: Sequence[Sequence[int]], reference: Sequence[Se
 
 @torch.no_grad()
 def verify(model: torch.nn.Module, prompts: Sequence[Sequence[int]], reference: Sequence[Sequence[int]],
-           policy: str, thresholds: dict, max_tokens: int, batch_size: int = 8, progress: bool = True) -> dict:
+           policy: str, thresholds: dict, max_tokens: int, batch_size: int = 8, progress: bool = True,
+           exit_vocab: Optional[tuple] = None) -> dict:
     """Early-exit greedy decoding at ``thresholds`` ({layer: thr}): agreement with ``reference`` and exit depths."""
     if not thresholds:  # every exit disabled: decoding is full decoding, identical to the reference
         n = sum(len(r) for r in reference)
         return {"agreement": 1.0, "mean_exit_depth": float(model.ee_config.num_layers), "tokens": n}
-    params = GenerationParams(max_tokens=int(max_tokens), exit_policy=policy, exit_thresholds=dict(thresholds))
+    params = GenerationParams(max_tokens=int(max_tokens), exit_policy=policy, exit_thresholds=dict(thresholds),
+                              exit_vocab=exit_vocab)
     tokens, depths = [], []
     with _bar(len(prompts), "calibration: early-exit verification", progress) as bar:
         for batch in _batches([list(p) for p in prompts], max(1, int(batch_size))):
@@ -215,10 +244,11 @@ class CalibrationResult:
     n_prompts: int
     n_tokens: int
     rounds: int
+    exit_vocab: Optional[tuple] = None
 
     def inference_section(self) -> dict:
         """The .nemo config's ``inference`` section (read by loading.inference_defaults)."""
-        return {
+        section = {
             "exit_policy": self.policy,
             "exit_thresholds": {int(k): float(v) for k, v in self.thresholds.items()},
             "calibration": {
@@ -229,6 +259,9 @@ class CalibrationResult:
                 "disabled_exits": [int(k) for k, v in self.per_exit.items() if v["threshold"] is None],
             },
         }
+        if self.exit_vocab is not None:
+            section["exit_vocab"] = [int(t) for t in self.exit_vocab]
+        return section
 
 
 def token_targets(target: float, max_rounds: int) -> list[float]:
@@ -240,29 +273,32 @@ def token_targets(target: float, max_rounds: int) -> list[float]:
 
 def calibrate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], target: float = 0.98,
               policy: str = "max_prob", max_tokens: int = 32, batch_size: int = 8, max_rounds: int = 3,
-              progress: bool = True) -> CalibrationResult:
-    """Per-exit thresholds meeting ``target`` greedy agreement on ``prompts``, verified by early-exit decoding."""
+              progress: bool = True, exit_vocab_size: Optional[int] = None) -> CalibrationResult:
+    """Per-exit thresholds meeting ``target`` greedy agreement on ``prompts``, verified by early-exit decoding
+    (with ``exit_vocab_size``, over the exit vocabulary it chooses; see the module docstring)."""
     check_calibration_args(target, policy, max_tokens, max_rounds)
-    data = collect_statistics(model, prompts, policy, max_tokens, batch_size, progress)
+    data = collect_statistics(model, prompts, policy, max_tokens, batch_size, progress, exit_vocab_size)
     measured, last_thresholds, rounds = None, None, 0
     for token_target in token_targets(target, max_rounds):
         chosen = choose_thresholds(data, token_target)
         thresholds = {k: v["threshold"] for k, v in chosen.items() if v["threshold"] is not None}
         if thresholds != last_thresholds:
-            measured = verify(model, prompts, data.full_tokens, policy, thresholds, max_tokens, batch_size, progress)
+            measured = verify(model, prompts, data.full_tokens, policy, thresholds, max_tokens, batch_size, progress,
+                              data.exit_vocab)
             rounds += 1
             last_thresholds = thresholds
         if measured["agreement"] >= float(target):
             break
     return CalibrationResult(policy, float(target), thresholds, chosen, token_target, measured["agreement"],
                              measured["mean_exit_depth"], measured["agreement"] >= float(target),
-                             len(prompts), data.n_tokens, rounds)
+                             len(prompts), data.n_tokens, rounds, data.exit_vocab)
 
 
 def format_result(result: CalibrationResult, num_layers: int) -> str:
     """A human-readable table of the calibration."""
     lines = [f"calibration: policy={result.policy} target={result.target} prompts={result.n_prompts} "
-             f"tokens={result.n_tokens} token_target={result.token_target:.4f} rounds={result.rounds}"]
+             f"tokens={result.n_tokens} token_target={result.token_target:.4f} rounds={result.rounds}"
+             + (f" exit_vocab={len(result.exit_vocab)} ids" if result.exit_vocab is not None else "")]
     for layer, info in result.per_exit.items():
         thr = "disabled" if info["threshold"] is None else f"{info['threshold']:.6f}"
         agreement = "-" if info["threshold"] is None else f"{info['agreement']:.4f}"

@@ -153,7 +153,7 @@ def request_params(cfg: Any, defaults: dict, stops: tuple) -> Any:
                          f"{defaults.get('exit_policy')}: give threshold=... for {get('exit_policy')}")
     if get("exit_thresholds") is not None:
         kwargs["exit_thresholds"] = {int(k): float(v) for k, v in dict(get("exit_thresholds")).items()}
-    for key in ("exit_policy", "threshold", "decode_mode", "draft_exit"):
+    for key in ("exit_policy", "threshold", "decode_mode", "draft_exit", "draft_threshold"):
         if get(key) is not None:
             kwargs[key] = get(key)
     if get("active_exits") is not None:
@@ -257,6 +257,9 @@ def calibrate_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus-root", help="corpus directory for the validation split (default: the .nemo's data)")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens generated per prompt (default 32)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
+    p.add_argument("--exit-vocab", type=int, metavar="N",
+                   help="exits score only the N tokens the full model generates most often on the calibration "
+                        "prompts (each exit then reads N rows of its output matrix; default: every token)")
     p.add_argument("--max-rounds", type=int, default=3,
                    help="tightenings of the per-token target if verification misses --target (default 3)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -277,6 +280,8 @@ def run_calibrate(args: argparse.Namespace, out: Any = None) -> Any:
         raise FileExistsError(f"--out {dst} exists; add --overwrite to replace it (or use --in-place)")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size} must be >= 1")
+    if args.exit_vocab is not None and args.exit_vocab < 1:
+        raise ValueError(f"--exit-vocab {args.exit_vocab} must be >= 1")
     if args.chat_prompts and args.prompts_file:
         raise ValueError("give either --chat-prompts or --prompts-file, not both")
     nemo = load_nemo_for_inference(args.nemo)
@@ -289,7 +294,7 @@ def run_calibrate(args: argparse.Namespace, out: Any = None) -> Any:
     else:
         prompts = validation_prompts(nemo, args.num_prompts, args.prompt_tokens, args.corpus_root)
     result = calibrate(nemo.model, prompts, args.target, args.policy, args.max_tokens, args.batch_size,
-                       args.max_rounds, progress=not args.no_progress)
+                       args.max_rounds, progress=not args.no_progress, exit_vocab_size=args.exit_vocab)
     print(format_result(result, nemo.model.ee_config.num_layers), file=out)
     write_inference_section(args.nemo, dst, result.inference_section())
     print(f"wrote {dst} (inference.exit_thresholds={result.inference_section()['exit_thresholds']})",

@@ -37,11 +37,13 @@ class DraftStats:
 
 @torch.no_grad()
 def draft_stats(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
-                answers: Sequence[Sequence[int]]) -> DraftStats:
-    """Teacher-force each prompt + answer through the model once (answer positions only)."""
+                answers: Sequence[Sequence[int]], vocab: Optional[Sequence[int]] = None) -> DraftStats:
+    """Teacher-force each prompt + answer through the model once (answer positions only); ``vocab``: the exits
+    score only these ids (an exit vocabulary)."""
     agree: dict[int, list[torch.Tensor]] = {}
     conf: dict[int, list[torch.Tensor]] = {}
     layers = model.ee_config.exit_layer_nums
+    ids = torch.tensor(list(vocab)) if vocab is not None else None
     for prompt, answer in zip(prompts, answers):
         seq = torch.tensor([list(prompt) + list(answer)[:-1]])
         result = model(seq, torch.arange(seq.shape[1]).unsqueeze(0), None)
@@ -49,7 +51,9 @@ def draft_stats(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
         final = result.output[0, start:].argmax(-1)
         for index, logits in result.exits.items():
             tail = logits[0, start:].float()
-            agree.setdefault(layers[index], []).append(tail.argmax(-1) == final)
+            tail = tail[:, ids] if ids is not None else tail
+            pick = tail.argmax(-1)
+            agree.setdefault(layers[index], []).append((ids[pick] if ids is not None else pick) == final)
             conf.setdefault(layers[index], []).append(torch.softmax(tail, -1).max(-1).values)
     return DraftStats(agree, conf)
 

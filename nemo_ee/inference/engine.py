@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -90,6 +91,7 @@ class EarlyExitEngine:
         self.fast_layers = {slot: FastLayer(module) for slot, module in self.attention.items()} if self.fast else {}
         self._layouts: dict = {}
         self._carry: Optional[tuple] = None
+        self._slices: dict = {}  # (exit index, exit vocabulary) -> (ids, output-matrix rows)
         # Points read back later: a row stops only at an exit point, so only there (and at the stage's ends)
         # can a module above lag behind and catch up from the buffer; between them the output is carried.
         self.kept_points = {offset, offset + len(model.decoder.layers), *self.exits_at}
@@ -285,13 +287,44 @@ class EarlyExitEngine:
             hidden = out[self._ints(counts) - 1, self._ints(range(len(candidates)))]
         else:
             hidden = self._last(point, candidates)
-        logits = self._project(head.output_layer, self._tail(head, hidden.unsqueeze(0)), head.tied)[0]
+        hidden = self._tail(head, hidden.unsqueeze(0))[0]
+        vocabs = [rule_of[r].vocab for r in candidates]
+        if all(v is None for v in vocabs):
+            logits = self._project(head.output_layer, hidden.unsqueeze(0), head.tied)[0]
+        else:
+            logits = torch.empty(len(candidates), self.ee.vocab_size, device=self.device)
+            for vocab in dict.fromkeys(vocabs):  # rows sharing a vocabulary share one projection
+                js = [j for j, v in enumerate(vocabs) if v == vocab]
+                picked = hidden[self._ints(js)]
+                if vocab is None:
+                    logits[js] = self._project(head.output_layer, picked.unsqueeze(0), head.tied)[0]
+                else:
+                    ids, weight = self._exit_slice(index, head, vocab)
+                    part = torch.full((len(js), self.ee.vocab_size), -math.inf, device=self.device)
+                    part[:, ids] = fast_logits(head.output_layer, picked, weight)
+                    logits[js] = part
         gone = set()
         for j, r in enumerate(candidates):
             if bool(rule_of[r].fires(logits[j], index)):
                 results[r] = RowResult(index, point, logits[j])
                 gone.add(r)
         return [r for r in alive if r not in gone]
+
+    def _exit_slice(self, index: int, head, vocab: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, the rows of exit ``index``'s output matrix for them), built once per vocabulary."""
+        key = (index, vocab)
+        found = self._slices.get(key)
+        if found is None:
+            if not self.fast:
+                raise ValueError(f"an exit vocabulary needs the fast decoding path: {self.fast_problem}")
+            if vocab[-1] >= self.ee.vocab_size:
+                raise ValueError(f"exit_vocab id {vocab[-1]} is outside the vocabulary 0..{self.ee.vocab_size - 1}")
+            ids = self._ints(list(vocab))
+            full = self.shared_weight if head.tied else head.output_layer.weight
+            if head.output_layer.bias is not None:
+                raise ValueError("an exit vocabulary needs exit output layers without bias")
+            found = self._slices[key] = (ids, full[ids].contiguous())
+        return found
 
     def _final(self, alive: list[int], full_of: dict, results: dict) -> None:
         if not alive:

@@ -36,6 +36,7 @@ class GenerationParams:
     draft_exit: Optional[int] = None  # self-speculative draft exit layer (None: the shallowest)
     num_draft: int = 4  # drafted tokens per verification (at most, with draft_threshold)
     draft_threshold: Optional[float] = None  # stop drafting when the draft exit's max prob is below (None: fixed)
+    exit_vocab: Optional[tuple] = None  # token ids the exits (and drafts) score; None: the whole vocabulary
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
@@ -51,6 +52,12 @@ class GenerationParams:
             raise ValueError(f"decode_mode {self.decode_mode!r} is not one of {list(DECODE_MODES)}")
         if int(self.num_draft) != self.num_draft or self.num_draft < 1:
             raise ValueError(f"num_draft={self.num_draft} must be an integer >= 1")
+        if self.exit_vocab is not None:
+            vocab = tuple(sorted({int(t) for t in self.exit_vocab}))
+            if not vocab or len(vocab) != len(self.exit_vocab) or vocab[0] < 0:
+                raise ValueError(f"exit_vocab must be distinct token ids >= 0 (got {len(self.exit_vocab)} ids, "
+                                 f"{len(vocab)} distinct, smallest {vocab[0] if vocab else None})")
+            object.__setattr__(self, "exit_vocab", vocab)
         if self.draft_threshold is not None and not 0.0 <= self.draft_threshold <= 1.0:
             raise ValueError(f"draft_threshold={self.draft_threshold} must be a max probability in 0..1 (or None)")
         self.sampling  # validates temperature / top_k / top_p
@@ -69,7 +76,7 @@ class GenerationParams:
             check_active_exits(list(self.exit_thresholds), exit_layer_nums)  # unknown layers are an error
             index = {layer: i for i, layer in enumerate(exit_layer_nums)}
             per_exit = tuple((index[int(layer)], t) for layer, t in self.exit_thresholds.items())
-        return ExitRule(self.exit_policy, self.threshold, active, per_exit=per_exit)
+        return ExitRule(self.exit_policy, self.threshold, active, per_exit=per_exit, vocab=self.exit_vocab)
 
 
 @dataclasses.dataclass

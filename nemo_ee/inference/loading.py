@@ -89,4 +89,10 @@ def inference_defaults(cfg: Any) -> dict:
         out["exit_thresholds"] = {int(k): check_threshold(policy, v) for k, v in dict(thresholds).items()}
     if section.get("threshold") is not None:
         out["threshold"] = check_threshold(policy, section.get("threshold"))
+    vocab = section.get("exit_vocab")
+    if vocab is not None:
+        ids = [int(t) for t in vocab]
+        if not ids or len(set(ids)) != len(ids) or min(ids) < 0:
+            raise CheckpointError(f"inference.exit_vocab must be distinct token ids >= 0 ({len(ids)} given)")
+        out["exit_vocab"] = tuple(sorted(ids))
     return out

@@ -52,6 +52,8 @@ class ExitRule:
     ``forced``: always leave at this exit (the draft model of self-speculative decoding).
     ``threshold=None``: never exit early (full-model decoding).
     ``per_exit``: {exit index: threshold} overriding ``threshold`` at those exits (calibrated thresholds).
+    ``vocab``: the token ids the exits score (sorted, distinct; None: the whole vocabulary). An exit's
+    statistic and token then come from those logits only: the exit reads a slice of its output matrix.
     """
 
     policy: str = "max_prob"
@@ -59,6 +61,7 @@ class ExitRule:
     active: Optional[frozenset] = None
     forced: Optional[int] = None
     per_exit: Optional[tuple] = None
+    vocab: Optional[tuple] = None
 
     def __post_init__(self) -> None:
         if self.threshold is not None:

@@ -30,8 +30,13 @@ def reference_generate(model: torch.nn.Module, prompt: Sequence[int], params: Ge
         result = model(ids, torch.arange(len(seq)).unsqueeze(0), None)
         logits, depth = result.output[0, -1], ee.num_layers
         for index in order:
-            if rule.uses(index) and bool(rule.fires(result.exits[index][0, -1], index)):
-                logits, depth = result.exits[index][0, -1], model.exits[str(index)].point
+            exit_logits = result.exits[index][0, -1].float()
+            if rule.vocab is not None:  # the exits score only these ids
+                kept = torch.full_like(exit_logits, -float("inf"))
+                kept[list(rule.vocab)] = exit_logits[list(rule.vocab)]
+                exit_logits = kept
+            if rule.uses(index) and bool(rule.fires(exit_logits, index)):
+                logits, depth = exit_logits, model.exits[str(index)].point
                 break
         token = sample(logits.float(), sampling, generator)
         seq.append(token)

@@ -67,7 +67,7 @@ class SelfSpeculation:
         self.index = draft_exit_index(model, params.draft_exit)
         self.depth = model.exits[str(self.index)].point
         self.full_depth = model.ee_config.num_layers
-        self.draft_rule, self.full_rule = ExitRule(forced=self.index), ExitRule.full()
+        self.draft_rule, self.full_rule = ExitRule(forced=self.index, vocab=params.exit_vocab), ExitRule.full()
         self.params, self.sampling = params, params.sampling
         self.drafts: list[int] = []
         self.draft_probs: list[torch.Tensor] = []

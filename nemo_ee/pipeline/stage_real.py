@@ -26,7 +26,7 @@ from nemo_ee.pipeline.stage_decode import check_sweep_keys
 IMPORT_KEYS = ("gguf", "hf_dir", "num_layers")
 ADD_KEYS = ("exit_fractions", "exit_mlp", "init")
 DATA_KEYS = ("num_prompts", "max_tokens", "batch_size", "seed")
-CALIBRATE_KEYS = ("target", "policy", "num_prompts", "max_tokens", "batch_size", "max_rounds")
+CALIBRATE_KEYS = ("target", "policy", "num_prompts", "max_tokens", "batch_size", "max_rounds", "exit_vocab_size")
 SWEEP_KEYS = ("thresholds", "prompts", "new_tokens", "repeats", "clock", "target", "num_drafts", "draft_exit",
               "sample_prompts", "sample_tokens")
 _TUNE_OWN = ("nemo", "restore_from", "output", "overwrite", "name")
@@ -226,6 +226,8 @@ def check_real_calibrate(cfg: DictConfig, given: dict) -> None:
 
     s = calibrate_settings(cfg)
     positive_ints("real_calibrate", s, ("num_prompts", "max_tokens", "batch_size"))
+    if s["exit_vocab_size"] is not None:
+        positive_ints("real_calibrate", s, ("exit_vocab_size",))
     try:
         check_calibration_args(s["target"], s["policy"], s["max_tokens"], s["max_rounds"])
     except ValueError as exc:
@@ -243,7 +245,7 @@ def run_real_calibrate(ctx: StageContext) -> StageResult:
     nemo = load_nemo_for_inference(src)
     prompts = chat_prompt_ids(nemo.tokenizer, s["num_prompts"], CALIBRATION_OFFSET)
     result = calibrate(nemo.model, prompts, s["target"], s["policy"], s["max_tokens"], s["batch_size"],
-                       s["max_rounds"], progress=True)
+                       s["max_rounds"], progress=True, exit_vocab_size=s["exit_vocab_size"])
     layers = nemo.ee_config.num_layers
     print(format_result(result, layers), flush=True)
     dst = write_inference_section(src, ctx.stage_dir / "real_calibrated.nemo", result.inference_section())
@@ -253,7 +255,10 @@ def run_real_calibrate(ctx: StageContext) -> StageResult:
             f"least {s['target']:.0%} of positions, on {s['num_prompts']} chat prompts from the stdlib's validation "
             f"split ({s['max_tokens']} new tokens each), verified by real early-exit decoding: measured agreement "
             f"**{result.measured_agreement:.4f}**, mean exit depth **{result.mean_exit_depth:.2f}** of {layers} "
-            f"(target {'met' if result.met else 'NOT met'}).\n\n" + markdown_table(["exit", "threshold"], rows, 4)
+            f"(target {'met' if result.met else 'NOT met'})"
+            + (f"; the exits score an exit vocabulary of the {len(result.exit_vocab)} tokens the full model generated "
+               "most often on these prompts" if result.exit_vocab is not None else "")
+            + ".\n\n" + markdown_table(["exit", "threshold"], rows, 4)
             + f"\n\nCalibrated model (its `inference` section holds the thresholds): `{dst}`.")
     return StageResult({"nemo": str(dst), "thresholds": {int(k): float(v) for k, v in result.thresholds.items()},
                         "agreement": result.measured_agreement, "mean_exit_depth": result.mean_exit_depth,

@@ -61,6 +61,7 @@ def test_parse_maps_the_tensor_interface():
     assert (p.exit_policy, p.threshold) == ("entropy", 2.0)
     p = parse("ab", 3, decode_mode="self_speculative", num_draft_tokens=3, draft_exit_layer=2, end_id=5).params
     assert (p.decode_mode, p.num_draft, p.draft_exit, p.stop_token_ids) == ("self_speculative", 3, 2, (5,))
+    assert parse("ab", 3, decode_mode="self_speculative", draft_threshold=0.5).params.draft_threshold == 0.5
     assert parse("ab", 3, decode_mode="full", exit_policy="entropy").params.decode_mode == "full"
     assert parse("ab", 3, defaults={}).params.rule([1, 2, 3]).threshold is None  # nothing calibrated: full depth
     # one request in tensors of shape [1, 1] or [1]
@@ -93,6 +94,8 @@ def test_parse_maps_the_tensor_interface():
     (dict(decode_mode="self_speculative", draft_exit_layer=4),
      r"draft_exit_layer=4 is not an exit layer of this model \(exits at \[1, 2, 3\]\)"),
     (dict(decode_mode="self_speculative", num_draft_tokens=0), r"num_draft_tokens=0 must be an integer >= 1"),
+    (dict(decode_mode="self_speculative", draft_threshold=1.5),
+     r"draft_threshold=1.5 must be a max probability in 0..1 \(or None\)"),
 ])
 def test_bad_requests_are_named(inputs, message):
     kwargs = dict(text="abc", max_tokens=4)

@@ -181,3 +181,36 @@ def test_validation_prompts_come_from_the_corpus_validation_split(nemo_path, mod
     assert prompts[0] == val_ids[:10] and prompts[-1] == val_ids[-10:]
     with pytest.raises(ValueError, match="num_prompts=0 and prompt_tokens=10 must be >= 1"):
         validation_prompts(nemo, 0, 10, corpus_root=str(corpus))
+
+
+def test_calibration_with_an_exit_vocabulary(model, calib_prompts):
+    from nemo_ee.inference.calibrate import frequent_tokens
+    from nemo_ee.inference.loading import inference_defaults
+    from omegaconf import OmegaConf
+
+    assert frequent_tokens([[5, 5, 7], [7, 7, 9, 3]], 2) == (5, 7) and frequent_tokens([[2, 1]], 9) == (1, 2)
+    data = collect_statistics(model, calib_prompts, "max_prob", max_tokens=16, progress=False, exit_vocab_size=20)
+    full = [t for p, f in zip(calib_prompts, data.full_tokens) for t in list(p) + list(f)]
+    assert data.exit_vocab == frequent_tokens([list(p) for p in calib_prompts] + data.full_tokens, 20)
+    assert len(data.exit_vocab) == 20 and set(data.exit_vocab) <= set(full)
+    # an exit's token is the best of the vocabulary's ids: it cannot agree where the full token is not one of them,
+    # and it agrees wherever the exit's best token over the whole vocabulary agreed and is one of them
+    whole = collect_statistics(model, calib_prompts, "max_prob", max_tokens=16, progress=False)
+    inside = torch.tensor([t in data.exit_vocab for f in data.full_tokens for t in f])
+    assert not bool(data.agree[:, ~inside].any()) and bool(data.agree[:, inside].any())
+    assert bool((data.agree | ~(whole.agree & inside)).all())
+    result = calibrate(model, calib_prompts, target=TARGET, max_tokens=16, progress=False, exit_vocab_size=20)
+    assert result.met and result.exit_vocab == data.exit_vocab
+    section = result.inference_section()
+    assert section["exit_vocab"] == list(data.exit_vocab)
+    defaults = inference_defaults(OmegaConf.create({"inference": section}))
+    early = generate(model, calib_prompts, GenerationParams(max_tokens=16, **defaults))
+    measured = positional_agreement([g.token_ids for g in early], data.full_tokens)
+    assert measured == pytest.approx(result.measured_agreement)
+    assert all(t in data.exit_vocab for g in early for t, d in zip(g.token_ids, g.exit_layers) if d < 4)
+    with pytest.raises(ValueError, match=r"exit_vocab_size=0 must be an integer >= 1 \(or None: every token\)"):
+        collect_statistics(model, calib_prompts[:1], max_tokens=2, progress=False, exit_vocab_size=0)
+    from nemo_ee.inference.loading import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"inference.exit_vocab must be distinct token ids >= 0 \(3 given\)"):
+        inference_defaults(OmegaConf.create({"inference": {"exit_vocab": [1, 1, 2]}}))

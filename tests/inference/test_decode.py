@@ -145,3 +145,25 @@ def test_every_tensor_the_decoder_makes_is_on_the_models_device(which, prompts, 
     finally:
         torch.set_default_device(None)
     assert got == want
+
+
+def test_exit_vocabulary_matches_reference(rope_model, prompts):
+    """Exits that score only some token ids (a slice of their output matrix): same tokens and exits as the
+    reference decoder masking full exit logits to those ids, and every early token is one of them."""
+    vocab = tuple(range(0, 64, 2))  # the even ids
+    depths = set()
+    for threshold in (0.15, 0.3):
+        params = GenerationParams(max_tokens=12, threshold=threshold, exit_vocab=vocab)
+        for prompt, out in zip(prompts, generate(rope_model, prompts, params)):
+            ref = reference_generate(rope_model, prompt, params)
+            assert (out.token_ids, out.exit_layers) == (ref.token_ids, ref.exit_layers)
+            assert all(t % 2 == 0 for t, d in zip(out.token_ids, out.exit_layers) if d < 4)
+            depths.update(out.exit_layers)
+    assert len(depths) >= 3, depths
+    spec = GenerationParams(max_tokens=12, decode_mode="self_speculative", exit_vocab=vocab, num_draft=3)
+    full = generate(rope_model, prompts, GenerationParams(max_tokens=12))
+    assert [g.token_ids for g in generate(rope_model, prompts, spec)] == [g.token_ids for g in full]  # lossless
+    with pytest.raises(ValueError, match=r"exit_vocab id 64 is outside the vocabulary 0..63"):
+        generate(rope_model, prompts[:1], GenerationParams(max_tokens=2, threshold=0.1, exit_vocab=(1, 64)))
+    with pytest.raises(ValueError, match=r"exit_vocab must be distinct token ids >= 0 \(got 3 ids, 2 distinct"):
+        GenerationParams(exit_vocab=(1, 1, 2))

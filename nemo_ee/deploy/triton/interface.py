@@ -45,6 +45,7 @@ INPUTS = (
     TensorSpec("decode_mode", "BYTES", doc="early_exit | self_speculative | full"),
     TensorSpec("num_draft_tokens", "INT32", doc="self_speculative: tokens drafted per verification"),
     TensorSpec("draft_exit_layer", "INT32", doc="self_speculative: the exit layer that drafts"),
+    TensorSpec("draft_threshold", "FP32", doc="self_speculative: stop drafting below this max probability"),
 )
 
 OUTPUTS = (

@@ -204,7 +204,8 @@ def parse_request(inputs: Mapping[str, Any], tokenizer: Any, model: Any, setting
         kwargs["threshold"] = threshold
     for key, name, kind in (("temperature", "temperature", float), ("top_k", "top_k", int),
                             ("top_p", "top_p", float), ("seed", "random_seed", int),
-                            ("num_draft", "num_draft_tokens", int), ("draft_exit", "draft_exit_layer", int)):
+                            ("num_draft", "num_draft_tokens", int), ("draft_exit", "draft_exit_layer", int),
+                            ("draft_threshold", "draft_threshold", float)):
         value = _number(name, _one(inputs, name), kind)
         if value is not None:
             kwargs[key] = value
