@@ -299,8 +299,11 @@ def run(nemo: Any, hf_dir: str | Path, num_prompts: int = 8, new_tokens: int = 6
     lossless = ss["out_a"] == ours_full and ss8_lossless  # self-speculative == our full decode, token for token
     identical_spec = lossless and ss_hf["out_a"] == ss_hf["out_b"]
     identical_hf_ee = hf_ee["out_a"] == hf_ee["out_b"]
+    split_ss = divergences(hf, bench, ss_hf["out_a"], ss_hf["out_b"])
     log(f"self-speculative (layer {layer}, k={k}, threshold {spec.draft_threshold}): {ss['ratio']:.3f}x our full decode, {ss_hf['ratio']:.3f}x HF "
-        f"generate; identical to our full decode: {lossless}, to HF generate: {ss_hf['out_a'] == ss_hf['out_b']}")
+        f"generate; identical to our full decode: {lossless}, to HF generate: {ss_hf['out_a'] == ss_hf['out_b']}"
+        + "".join(f"; prompt {d['prompt']} differs from HF at token {d['position']} (HF's logit gap between the two "
+                  f"tokens {d['hf_logit_gap']:.1e})" for d in split_ss))
     log(f"HF assistant_early_exit={layer}: {hf_ee['ratio']:.3f}x HF generate; identical {identical_hf_ee}")
 
     # ---- tokens/s by batch size
@@ -317,7 +320,7 @@ def run(nemo: Any, hf_dir: str | Path, num_prompts: int = 8, new_tokens: int = 6
               "hf_ee_speedup": hf_ee["ratio"],
               "identical": identical_b1 and identical_spec and identical_hf_ee, "selfspec_identical": lossless}
     extra = {"identical_b8_rows": f"{same_rows}/{batch}", "identical_b1_prompts": f"{len(bench) - len(split)}/{len(bench)}",
-             "divergences_b1": split, "draft_exit": layer, "num_draft": k, "draft_threshold": spec.draft_threshold,
+             "divergences_b1": split, "divergences_selfspec_hf": split_ss, "draft_exit": layer, "num_draft": k, "draft_threshold": spec.draft_threshold,
              "draft_choice": choice, "draft_costs": draft_costs, "ee_b8_rows_equal_b1": f"{sum(ee8_same)}/{len(ee8_same)}",
              "acceptance": {a: stats.acceptance(a) for a in draft_costs}, "bandwidth_bytes_s": bandwidth,
              "weight_bytes": nbytes, "roofline_tok_s": roofline, "batch_sweep": sweep, "tok_s_ours_b1": new_tokens / b1["a"], "tok_s_hf_b1": new_tokens / b1["b"],

@@ -1,17 +1,21 @@
 """The early-exit forward for decoding: per-row exits with KV recomputation over a static cache.
 
 Vocabulary: a *point* p is the hidden state after p backbone layers (0 = embeddings). Layer p+1 and
-the exit blocks reading point p consume it. The engine keeps every point's hidden states in a static
-buffer and, per (attention module, row), how many positions that module has cached.
+the exit blocks reading point p consume it. The engine keeps, per (attention module, row), how many
+positions that module has cached, and in a static buffer the hidden states of the points a module can
+lag behind: a row stops only at an exit, so those are the exit points and the ends (between two exits a
+layer's output goes straight to the next layer).
 
 A step feeds new tokens per row and walks the points upwards. At each exit a row's rule decides; a
 row that leaves stops there. The layers above have no KV for its tokens yet: the next time the row
 goes deeper, each layer first processes the positions it is missing (read from the point buffer)
 together with the new ones, in one batched forward (EE-LLM's KV recomputation, without recomputing the
-layers below). Rows of a batch lag by different amounts; their queries are padded to the longest.
+layers below). Rows of a batch lag by different amounts; their queries are padded to the longest for
+attention (and, on the fast path, packed without padding everywhere else).
 
-All megatron modules are megatron's own (embedding, layers, exit heads, final norm, output layer);
-only each attention module's ``core_attention`` is swapped for the cached one during a step.
+The modules are megatron's own (embedding, layers, exit heads, final norm, output layer). At TP=1 the
+layers and heads run as plain tensor ops on their parameters (:mod:`nemo_ee.inference.fast_layers`);
+otherwise only each attention module's ``core_attention`` is swapped for the cached one during a step.
 """
 from __future__ import annotations
 
