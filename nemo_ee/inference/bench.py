@@ -76,9 +76,14 @@ class TeacherForced:
 
 @torch.no_grad()
 def teacher_forced(model: torch.nn.Module, windows: Sequence[Sequence[int]], policy: str = "max_prob",
-                   chunk: int = 8) -> TeacherForced:
-    """Run validation windows (tokens[:-1] -> tokens[1:]) through the model, keeping small per-position stats."""
+                   chunk: int = 8, vocab: Optional[Sequence[int]] = None) -> TeacherForced:
+    """Run validation windows (tokens[:-1] -> tokens[1:]) through the model, keeping small per-position stats.
+    ``vocab``: the exits score only these ids (an exit vocabulary; a token outside it has infinite NLL there)."""
     order = exit_order(model)
+    outside = None
+    if vocab is not None:
+        outside = torch.ones(model.ee_config.vocab_size, dtype=torch.bool)
+        outside[list(vocab)] = False
     parts: dict[str, list] = {"final_nll": [], "final_argmax": []}
     per_exit = {k: {i: [] for i in order} for k in ("conf", "nll", "argmax")}
     for start in range(0, len(windows), chunk):
@@ -88,6 +93,8 @@ def teacher_forced(model: torch.nn.Module, windows: Sequence[Sequence[int]], pol
         out = model(ids, pos, None)
         for index in order:
             logits = out.exits[index].float()
+            if outside is not None:
+                logits = logits.masked_fill(outside, -math.inf)
             per_exit["conf"][index].append(confidence(policy, logits).flatten())
             per_exit["nll"][index].append(_nll(logits, labels))
             per_exit["argmax"][index].append(logits.argmax(-1).flatten())
@@ -256,10 +263,11 @@ def choose_draft(model: torch.nn.Module, tf: TeacherForced, costs: dict, ks: Seq
 
 
 def sweep_row(model: torch.nn.Module, prompts: list, full_tokens: list, t: float, args: Any,
-              tf: TeacherForced, policy: str = "max_prob") -> tuple[dict, list[Generation]]:
-    """One threshold: paired EE/full timings, depth, agreement, perplexity and exit shares."""
+              tf: TeacherForced, policy: str = "max_prob", exit_vocab: Optional[tuple] = None) -> tuple[dict, list[Generation]]:
+    """One threshold: paired EE/full timings, depth, agreement, perplexity and exit shares (``exit_vocab``: the
+    exits score only those ids; ``tf`` must then be computed with the same vocabulary)."""
     L = model.ee_config.num_layers
-    ee = GenerationParams(max_tokens=args.new_tokens, exit_policy=policy, threshold=t)
+    ee = GenerationParams(max_tokens=args.new_tokens, exit_policy=policy, threshold=t, exit_vocab=exit_vocab)
     full = GenerationParams(max_tokens=args.new_tokens)
     res = paired(lambda i: generate(model, [prompts[i]], ee)[0], lambda i: generate(model, [prompts[i]], full)[0],
                  len(prompts), args.repeats, args.clock)
@@ -293,10 +301,10 @@ def operating_point(rows: Sequence[dict], target: float) -> Optional[dict]:
 
 
 def selfspec(model: torch.nn.Module, prompts: list, full_tokens: list, args: Any, draft_exit: int,
-             num_draft: int) -> dict:
+             num_draft: int, exit_vocab: Optional[tuple] = None) -> dict:
     """Self-speculative greedy vs full greedy, paired per prompt: speedup and whether every output is identical."""
     spec = GenerationParams(max_tokens=args.new_tokens, decode_mode="self_speculative", draft_exit=draft_exit,
-                            num_draft=num_draft)
+                            num_draft=num_draft, exit_vocab=exit_vocab)
     full = GenerationParams(max_tokens=args.new_tokens)
     res = paired(lambda i: generate_self_speculative(model, prompts[i], spec),
                  lambda i: generate(model, [prompts[i]], full)[0], len(prompts), args.repeats, args.clock)

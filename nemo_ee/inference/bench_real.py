@@ -69,6 +69,9 @@ class HFSide:
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else 0
         self.config.update(eos_token_id=None, pad_token_id=pad, do_sample=False, max_new_tokens=new_tokens,
                            min_new_tokens=None, temperature=None, top_p=None, top_k=None)
+        # generate() fills a config's unset (None) fields from the model's own generation config, eos included:
+        # unset it there too, or HF stops at eos and times fewer tokens than ours
+        self.model.generation_config.eos_token_id = None
         self.pad = int(pad)
 
     @torch.no_grad()
@@ -85,7 +88,11 @@ class HFSide:
             ids[i, width - len(p):] = torch.tensor(list(p))
             mask[i, width - len(p):] = 1
         out = self.model.generate(ids, attention_mask=mask, generation_config=self.config, **kwargs)
-        return [row[width:].tolist() for row in out]
+        rows = [row[width:].tolist() for row in out]
+        if any(len(r) != self.config.max_new_tokens for r in rows):
+            raise RuntimeError(f"HF generate returned {[len(r) for r in rows]} tokens, not "
+                               f"{self.config.max_new_tokens} per row: the timing comparison would be void")
+        return rows
 
 
 def divergences(hf: "HFSide", prompts: Sequence[Sequence[int]], ours: Sequence[Sequence[int]],

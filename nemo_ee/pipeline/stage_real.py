@@ -301,11 +301,13 @@ def run_real_sweep(ctx: StageContext) -> StageResult:
     full = GenerationParams(max_tokens=s["new_tokens"])
     generate(model, prompts[:1], GenerationParams(max_tokens=s["new_tokens"], threshold=0.5))  # warm-up, untimed
     full_tokens = [generate(model, [p], full)[0].token_ids for p in prompts]
-    tf = bench.teacher_forced(model, [p + f for p, f in zip(prompts, full_tokens)], chunk=1)
+    defaults = inference_defaults(nemo.cfg)
+    vocab = defaults.get("exit_vocab")  # the calibrated exit vocabulary, if any: the sweep decodes as served
+    tf = bench.teacher_forced(model, [p + f for p, f in zip(prompts, full_tokens)], chunk=1, vocab=vocab)
     args = SimpleNamespace(new_tokens=s["new_tokens"], repeats=s["repeats"], clock=s["clock"])
     rows = []
     for t in sorted({float(t) for t in s["thresholds"]}, reverse=True):
-        row, _ = bench.sweep_row(model, prompts, full_tokens, t, args, tf)
+        row, _ = bench.sweep_row(model, prompts, full_tokens, t, args, tf, exit_vocab=vocab)
         rows.append(row)
         print(f"  threshold {t:.2f}: speedup {row['speedup']:.3f} (ideal {row['ideal_speedup']:.2f}), agreement "
               f"{row['agreement']:.3f}, mean depth {row['mean_depth']:.2f}", flush=True)
@@ -313,7 +315,7 @@ def run_real_sweep(ctx: StageContext) -> StageResult:
     draft = s["draft_exit"] or choose_draft(model, acceptance)[0]
     spec_rows = []
     for k in s["num_drafts"]:
-        r = bench.selfspec(model, prompts, full_tokens, args, draft, k)
+        r = bench.selfspec(model, prompts, full_tokens, args, draft, k, exit_vocab=vocab)
         spec_rows.append({"num_draft": k, **r})
         print(f"  self-speculative, layer {draft}, k={k}: speedup {r['speedup']:.3f}, identical {r['identical']}",
               flush=True)
@@ -333,7 +335,6 @@ def run_real_sweep(ctx: StageContext) -> StageResult:
                                  f"layers {list(ee.exit_layer_nums)})", note)
     spec_png = selfspec_plot(ctx.stage_dir / "selfspec.png", spec_rows,
                              f"Lossless self-speculative decoding, drafts at the exit after layer {draft}", note)
-    defaults = inference_defaults(nemo.cfg)
     samples = []
     for text in s["sample_prompts"]:
         ids = tok.apply_chat_template([{"role": "user", "content": text}])
@@ -348,7 +349,9 @@ def run_real_sweep(ctx: StageContext) -> StageResult:
     spec_table = [[r["num_draft"], r["speedup"], r["draft_share"], "yes" if r["identical"] else "NO"] for r in spec_rows]
     found = (f"threshold {op['threshold']:.2f}: speedup {op['speedup']:.3f}, agreement {op['agreement']:.3f}"
              if op else f"no swept threshold reaches {s['target']}")
-    body = (f"Lossy early exit: one `max_prob` threshold at every exit, speedup = full time / early-exit time "
+    body = (f"Lossy early exit: one `max_prob` threshold at every exit"
+            + (f" (the exits score the calibrated exit vocabulary of {len(vocab)} ids, as served)" if vocab else "")
+            + ", speedup = full time / early-exit time "
             f"(median over prompts), agreement = share of tokens equal to the full model's greedy token after the "
             f"same prefix. Loosest threshold with agreement >= {s['target']}: {found}.\n\n"
             f"![speedup and agreement against threshold]({rel(sweep_png)})\n\n" + markdown_table(headers, table, 3)
