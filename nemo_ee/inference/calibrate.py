@@ -25,6 +25,10 @@ What it does, precisely (CALM-style consistency target, without CALM's statistic
    than the per-token target). If it falls short of ``target``, the token target is tightened (its miss
    rate halved, ``max_rounds`` times, then 1.0) and steps 3-4 rerun on the same statistics. The result
    says whether the target was met.
+5. **Self-speculative settings** (``choose_draft=True``): the draft exit, draft length and adaptive threshold
+   that :mod:`nemo_ee.inference.draft_choice` predicts fastest on the same answers (teacher-forced draft
+   agreement and confidence, step costs measured on this machine), written as ``inference.self_speculative``
+   so that a self-speculative request without its own settings uses them.
 """
 from __future__ import annotations
 
@@ -34,6 +38,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from nemo_ee.inference import draft_choice
+from nemo_ee.inference.bench import step_costs
 from nemo_ee.inference.generate import GenerationParams, check_prompt, generate
 from nemo_ee.inference.policies import POLICIES, confidence
 
@@ -245,6 +251,7 @@ class CalibrationResult:
     n_tokens: int
     rounds: int
     exit_vocab: Optional[tuple] = None
+    draft: Optional[dict] = None  # {draft_exit, num_draft, draft_threshold, predicted_speedup}
 
     def inference_section(self) -> dict:
         """The .nemo config's ``inference`` section (read by loading.inference_defaults)."""
@@ -261,6 +268,8 @@ class CalibrationResult:
         }
         if self.exit_vocab is not None:
             section["exit_vocab"] = [int(t) for t in self.exit_vocab]
+        if self.draft is not None:
+            section["self_speculative"] = dict(self.draft)
         return section
 
 
@@ -273,7 +282,8 @@ def token_targets(target: float, max_rounds: int) -> list[float]:
 
 def calibrate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], target: float = 0.98,
               policy: str = "max_prob", max_tokens: int = 32, batch_size: int = 8, max_rounds: int = 3,
-              progress: bool = True, exit_vocab_size: Optional[int] = None) -> CalibrationResult:
+              progress: bool = True, exit_vocab_size: Optional[int] = None,
+              choose_draft: bool = False) -> CalibrationResult:
     """Per-exit thresholds meeting ``target`` greedy agreement on ``prompts``, verified by early-exit decoding
     (with ``exit_vocab_size``, over the exit vocabulary it chooses; see the module docstring)."""
     check_calibration_args(target, policy, max_tokens, max_rounds)
@@ -289,9 +299,28 @@ def calibrate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], target: 
             last_thresholds = thresholds
         if measured["agreement"] >= float(target):
             break
+    draft = draft_settings(model, prompts, data.full_tokens, data.exit_vocab) if choose_draft else None
     return CalibrationResult(policy, float(target), thresholds, chosen, token_target, measured["agreement"],
                              measured["mean_exit_depth"], measured["agreement"] >= float(target),
-                             len(prompts), data.n_tokens, rounds, data.exit_vocab)
+                             len(prompts), data.n_tokens, rounds, data.exit_vocab, draft)
+
+
+def draft_settings(model: torch.nn.Module, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
+                   exit_vocab: Optional[tuple] = None) -> dict:
+    """The self-speculative settings predicted fastest on ``answers`` (the full model's greedy answers), with
+    draft and full step costs measured here: the better of the best fixed length and the best adaptive one."""
+    ee = model.ee_config
+    stats = draft_choice.draft_stats(model, prompts, answers, exit_vocab)
+    costs = step_costs(model, steps=12, context=32, vocab=exit_vocab)["depth_seconds"]
+    draft_costs = {ee.exit_layer_nums[i]: costs[model.exits[str(i)].point] / costs[ee.num_layers]
+                   for i in model.local_exit_indices if model.exits[str(i)].point in costs}
+    choice = draft_choice.choose(stats, draft_costs)
+    (f_layer, f_k, f_pred), (a_layer, a_k, a_t, a_pred) = choice["fixed"], choice["adaptive"]
+    if a_pred > f_pred:
+        return {"draft_exit": int(a_layer), "num_draft": int(a_k), "draft_threshold": float(a_t),
+                "predicted_speedup": round(float(a_pred), 4)}
+    return {"draft_exit": int(f_layer), "num_draft": int(f_k), "draft_threshold": None,
+            "predicted_speedup": round(float(f_pred), 4)}
 
 
 def format_result(result: CalibrationResult, num_layers: int) -> str:
@@ -307,4 +336,8 @@ def format_result(result: CalibrationResult, num_layers: int) -> str:
     lines.append(f"verified early-exit decoding: agreement={result.measured_agreement:.4f} "
                  f"({'meets' if result.met else 'MISSES'} target {result.target}) "
                  f"mean_exit_depth={result.mean_exit_depth:.3f}/{num_layers}")
+    if result.draft is not None:
+        d = result.draft
+        lines.append(f"self-speculative: draft at layer {d['draft_exit']}, up to {d['num_draft']} drafts, threshold "
+                     f"{d['draft_threshold']} (predicted {d['predicted_speedup']:.3f}x full decoding)")
     return "\n".join(lines)

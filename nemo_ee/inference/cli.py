@@ -260,6 +260,8 @@ def calibrate_parser() -> argparse.ArgumentParser:
     p.add_argument("--exit-vocab", type=int, metavar="N",
                    help="exits score only the N tokens the full model generates most often on the calibration "
                         "prompts (each exit then reads N rows of its output matrix; default: every token)")
+    p.add_argument("--draft", action="store_true",
+                   help="also choose the self-speculative draft exit, length and threshold (measures step costs)")
     p.add_argument("--max-rounds", type=int, default=3,
                    help="tightenings of the per-token target if verification misses --target (default 3)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -294,7 +296,8 @@ def run_calibrate(args: argparse.Namespace, out: Any = None) -> Any:
     else:
         prompts = validation_prompts(nemo, args.num_prompts, args.prompt_tokens, args.corpus_root)
     result = calibrate(nemo.model, prompts, args.target, args.policy, args.max_tokens, args.batch_size,
-                       args.max_rounds, progress=not args.no_progress, exit_vocab_size=args.exit_vocab)
+                       args.max_rounds, progress=not args.no_progress, exit_vocab_size=args.exit_vocab,
+                       choose_draft=args.draft)
     print(format_result(result, nemo.model.ee_config.num_layers), file=out)
     write_inference_section(args.nemo, dst, result.inference_section())
     print(f"wrote {dst} (inference.exit_thresholds={result.inference_section()['exit_thresholds']})",

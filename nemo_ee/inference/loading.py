@@ -95,4 +95,16 @@ def inference_defaults(cfg: Any) -> dict:
         if not ids or len(set(ids)) != len(ids) or min(ids) < 0:
             raise CheckpointError(f"inference.exit_vocab must be distinct token ids >= 0 ({len(ids)} given)")
         out["exit_vocab"] = tuple(sorted(ids))
+    spec = section.get("self_speculative")
+    if spec:
+        for key, kind in (("draft_exit", int), ("num_draft", int), ("draft_threshold", float)):
+            value = spec.get(key)
+            if value is not None:
+                try:
+                    out[key] = kind(value)
+                except (TypeError, ValueError):
+                    raise CheckpointError(f"inference.self_speculative.{key}={value!r} is not a number") from None
+        if out.get("num_draft", 1) < 1 or not 0.0 <= out.get("draft_threshold", 0.0) <= 1.0:
+            raise CheckpointError(f"inference.self_speculative {dict(spec)} needs num_draft >= 1 and a "
+                                  "draft_threshold in 0..1")
     return out

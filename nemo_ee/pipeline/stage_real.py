@@ -26,7 +26,8 @@ from nemo_ee.pipeline.stage_decode import check_sweep_keys
 IMPORT_KEYS = ("gguf", "hf_dir", "num_layers")
 ADD_KEYS = ("exit_fractions", "exit_mlp", "init")
 DATA_KEYS = ("num_prompts", "max_tokens", "batch_size", "seed")
-CALIBRATE_KEYS = ("target", "policy", "num_prompts", "max_tokens", "batch_size", "max_rounds", "exit_vocab_size")
+CALIBRATE_KEYS = ("target", "policy", "num_prompts", "max_tokens", "batch_size", "max_rounds", "exit_vocab_size",
+                  "choose_draft")
 SWEEP_KEYS = ("thresholds", "prompts", "new_tokens", "repeats", "clock", "target", "num_drafts", "draft_exit",
               "sample_prompts", "sample_tokens")
 _TUNE_OWN = ("nemo", "restore_from", "output", "overwrite", "name")
@@ -228,6 +229,8 @@ def check_real_calibrate(cfg: DictConfig, given: dict) -> None:
     positive_ints("real_calibrate", s, ("num_prompts", "max_tokens", "batch_size"))
     if s["exit_vocab_size"] is not None:
         positive_ints("real_calibrate", s, ("exit_vocab_size",))
+    if not isinstance(s["choose_draft"], bool):
+        raise ValueError(f"stages.real_calibrate.choose_draft={s['choose_draft']!r} must be true or false")
     try:
         check_calibration_args(s["target"], s["policy"], s["max_tokens"], s["max_rounds"])
     except ValueError as exc:
@@ -245,7 +248,8 @@ def run_real_calibrate(ctx: StageContext) -> StageResult:
     nemo = load_nemo_for_inference(src)
     prompts = chat_prompt_ids(nemo.tokenizer, s["num_prompts"], CALIBRATION_OFFSET)
     result = calibrate(nemo.model, prompts, s["target"], s["policy"], s["max_tokens"], s["batch_size"],
-                       s["max_rounds"], progress=True, exit_vocab_size=s["exit_vocab_size"])
+                       s["max_rounds"], progress=True, exit_vocab_size=s["exit_vocab_size"],
+                       choose_draft=bool(s["choose_draft"]))
     layers = nemo.ee_config.num_layers
     print(format_result(result, layers), flush=True)
     dst = write_inference_section(src, ctx.stage_dir / "real_calibrated.nemo", result.inference_section())

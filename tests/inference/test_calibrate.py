@@ -214,3 +214,25 @@ def test_calibration_with_an_exit_vocabulary(model, calib_prompts):
 
     with pytest.raises(CheckpointError, match=r"inference.exit_vocab must be distinct token ids >= 0 \(3 given\)"):
         inference_defaults(OmegaConf.create({"inference": {"exit_vocab": [1, 1, 2]}}))
+
+
+def test_calibration_chooses_self_speculative_settings(model, calib_prompts):
+    from nemo_ee.inference.loading import CheckpointError, inference_defaults
+    from omegaconf import OmegaConf
+
+    result = calibrate(model, calib_prompts, target=TARGET, max_tokens=16, progress=False, choose_draft=True)
+    draft = result.draft
+    assert draft["draft_exit"] in (1, 2, 3) and 1 <= draft["num_draft"] <= 8 and draft["predicted_speedup"] > 0
+    assert draft["draft_threshold"] is None or 0 < draft["draft_threshold"] < 1
+    section = result.inference_section()
+    assert section["self_speculative"] == draft
+    defaults = inference_defaults(OmegaConf.create({"inference": section}))
+    assert (defaults["draft_exit"], defaults["num_draft"]) == (draft["draft_exit"], draft["num_draft"])
+    spec = GenerationParams(max_tokens=12, decode_mode="self_speculative", **defaults)  # the served default
+    full = generate(model, calib_prompts[:4], GenerationParams(max_tokens=12))
+    assert [g.token_ids for g in generate(model, calib_prompts[:4], spec)] == [g.token_ids for g in full]
+    assert calibrate(model, calib_prompts[:2], target=TARGET, max_tokens=4, progress=False).draft is None
+    with pytest.raises(CheckpointError, match=r"inference.self_speculative.num_draft='x' is not a number"):
+        inference_defaults(OmegaConf.create({"inference": {"self_speculative": {"num_draft": "x"}}}))
+    with pytest.raises(CheckpointError, match=r"needs num_draft >= 1 and a draft_threshold in 0..1"):
+        inference_defaults(OmegaConf.create({"inference": {"self_speculative": {"num_draft": 0}}}))
