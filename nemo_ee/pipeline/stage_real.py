@@ -260,8 +260,8 @@ def run_real_calibrate(ctx: StageContext) -> StageResult:
             f"split ({s['max_tokens']} new tokens each), verified by real early-exit decoding: measured agreement "
             f"**{result.measured_agreement:.4f}**, mean exit depth **{result.mean_exit_depth:.2f}** of {layers} "
             f"(target {'met' if result.met else 'NOT met'})"
-            + (f"; the exits score an exit vocabulary of the {len(result.exit_vocab)} tokens the full model generated "
-               "most often on these prompts" if result.exit_vocab is not None else "")
+            + (f"; the exits score an exit vocabulary of the {len(result.exit_vocab)} most frequent tokens of these "
+               "prompts and the full model's answers" if result.exit_vocab is not None else "")
             + ".\n\n" + markdown_table(["exit", "threshold"], rows, 4)
             + f"\n\nCalibrated model (its `inference` section holds the thresholds): `{dst}`.")
     return StageResult({"nemo": str(dst), "thresholds": {int(k): float(v) for k, v in result.thresholds.items()},
