@@ -42,7 +42,7 @@ import torch
 
 from nemo_ee.data.chat_prompts import BENCH_OFFSET, chat_prompt_ids
 from nemo_ee.inference import draft_choice
-from nemo_ee.inference.bench import agreement, paired, predicted_selfspec, step_costs
+from nemo_ee.inference.bench import agreement, paired, predicted_selfspec
 from nemo_ee.inference.generate import GenerationParams, generate
 from nemo_ee.plots import line_plot
 
@@ -272,11 +272,8 @@ def run(nemo: Any, hf_dir: str | Path, num_prompts: int = 8, new_tokens: int = 6
 
     # ---- self-speculative (ours, tuned exit) vs full and vs HF generate; HF assistant_early_exit at that layer
     vocab = defaults.get("exit_vocab")  # the calibrated exit vocabulary (drafts read it too), if any
-    stats = draft_choice.draft_stats(model, bench, ours_full, vocab)
-    costs = step_costs(model, steps=24, context=64, clock=clock, vocab=vocab)["depth_seconds"]
-    draft_costs = {ee.exit_layer_nums[i]: costs[model.exits[str(i)].point] / costs[ee.num_layers]
-                   for i in model.local_exit_indices if model.exits[str(i)].point in costs}
-    choice = draft_choice.choose(stats, draft_costs)
+    stats, draft_costs, choice = draft_choice.measure_and_choose(model, bench, ours_full, vocab, steps=24,
+                                                                 context=64, clock=clock)
     (f_layer, f_k, f_pred), (a_layer, a_k, a_t, a_pred) = choice["fixed"], choice["adaptive"]
     log("draft steps cost " + ", ".join(f"l{a}={c:.3f}" for a, c in draft_costs.items()) + " of a full step; "
         "teacher-forced acceptance " + ", ".join(f"l{a}={stats.acceptance(a):.3f}" for a in draft_costs)
@@ -286,7 +283,7 @@ def run(nemo: Any, hf_dir: str | Path, num_prompts: int = 8, new_tokens: int = 6
                              num_draft=num_draft or f_k, exit_vocab=vocab)
     adaptive = GenerationParams(max_tokens=new_tokens, decode_mode="self_speculative", draft_exit=draft_exit or a_layer,
                                 num_draft=num_draft or a_k, draft_threshold=a_t, exit_vocab=vocab)
-    spec = adaptive if a_pred > f_pred else fixed
+    spec = adaptive if draft_choice.best(choice)["draft_threshold"] is not None else fixed
     layer, k = spec.draft_exit, spec.num_draft
     adapt = paired(lambda i: generate(model, [bench[i]], adaptive)[0].token_ids,
                    lambda i: generate(model, [bench[i]], fixed)[0].token_ids, len(bench), repeats, clock)

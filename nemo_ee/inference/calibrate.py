@@ -39,7 +39,6 @@ from typing import Optional, Sequence
 import torch
 
 from nemo_ee.inference import draft_choice
-from nemo_ee.inference.bench import step_costs
 from nemo_ee.inference.generate import GenerationParams, check_prompt, generate
 from nemo_ee.inference.policies import POLICIES, confidence
 
@@ -309,18 +308,8 @@ def draft_settings(model: torch.nn.Module, prompts: Sequence[Sequence[int]], ans
                    exit_vocab: Optional[tuple] = None) -> dict:
     """The self-speculative settings predicted fastest on ``answers`` (the full model's greedy answers), with
     draft and full step costs measured here: the better of the best fixed length and the best adaptive one."""
-    ee = model.ee_config
-    stats = draft_choice.draft_stats(model, prompts, answers, exit_vocab)
-    costs = step_costs(model, steps=12, context=32, vocab=exit_vocab)["depth_seconds"]
-    draft_costs = {ee.exit_layer_nums[i]: costs[model.exits[str(i)].point] / costs[ee.num_layers]
-                   for i in model.local_exit_indices if model.exits[str(i)].point in costs}
-    choice = draft_choice.choose(stats, draft_costs)
-    (f_layer, f_k, f_pred), (a_layer, a_k, a_t, a_pred) = choice["fixed"], choice["adaptive"]
-    if a_pred > f_pred:
-        return {"draft_exit": int(a_layer), "num_draft": int(a_k), "draft_threshold": float(a_t),
-                "predicted_speedup": round(float(a_pred), 4)}
-    return {"draft_exit": int(f_layer), "num_draft": int(f_k), "draft_threshold": None,
-            "predicted_speedup": round(float(f_pred), 4)}
+    _, _, choice = draft_choice.measure_and_choose(model, prompts, answers, exit_vocab)
+    return draft_choice.best(choice)
 
 
 def format_result(result: CalibrationResult, num_layers: int) -> str:

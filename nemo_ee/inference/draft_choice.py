@@ -19,6 +19,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from nemo_ee.inference.bench import step_costs
+
 THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
@@ -95,3 +97,29 @@ def choose(stats: DraftStats, draft_costs: dict[int, float], ks: Sequence[int] =
                 if adaptive is None or p > adaptive[3]:
                     adaptive = (layer, k, t, p)
     return {"fixed": fixed, "adaptive": adaptive}
+
+
+def measure_and_choose(model: torch.nn.Module, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
+                       vocab: Optional[Sequence[int]] = None, steps: int = 12, context: int = 32,
+                       clock: str = "cpu") -> tuple[DraftStats, dict[int, float], dict]:
+    """:func:`draft_stats` on ``answers`` (the full model's greedy answers), each exit's draft step cost over a
+    full step measured here (:func:`nemo_ee.inference.bench.step_costs`), and :func:`choose` on both:
+    ``(stats, {exit layer: draft cost}, choice)``."""
+    ee = model.ee_config
+    stats = draft_stats(model, prompts, answers, vocab)
+    costs = step_costs(model, steps=steps, context=context, clock=clock,
+                       vocab=tuple(vocab) if vocab is not None else None)["depth_seconds"]
+    draft_costs = {ee.exit_layer_nums[i]: costs[model.exits[str(i)].point] / costs[ee.num_layers]
+                   for i in model.local_exit_indices if model.exits[str(i)].point in costs}
+    return stats, draft_costs, choose(stats, draft_costs)
+
+
+def best(choice: dict) -> dict:
+    """The better predicted of :func:`choose`'s two settings, as ``{draft_exit, num_draft, draft_threshold
+    (None: fixed length), predicted_speedup}``."""
+    (f_layer, f_k, f_pred), (a_layer, a_k, a_t, a_pred) = choice["fixed"], choice["adaptive"]
+    if a_pred > f_pred:
+        return {"draft_exit": int(a_layer), "num_draft": int(a_k), "draft_threshold": float(a_t),
+                "predicted_speedup": round(float(a_pred), 4)}
+    return {"draft_exit": int(f_layer), "num_draft": int(f_k), "draft_threshold": None,
+            "predicted_speedup": round(float(f_pred), 4)}

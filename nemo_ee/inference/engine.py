@@ -116,8 +116,9 @@ class EarlyExitEngine:
                 return problem
         for index in self.model.local_exit_indices:
             head = self.model.exits[str(index)]
-            if head.mlp is not None and mlp_problem(head.mlp, f"exit {index} mlp"):
-                return mlp_problem(head.mlp, f"exit {index} mlp")
+            problem = mlp_problem(head.mlp, f"exit {index} mlp") if head.mlp is not None else None
+            if problem:
+                return problem
         return None
 
     def _ints(self, values) -> torch.Tensor:
